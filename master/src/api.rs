@@ -1,0 +1,489 @@
+//! The HTTP API every master serves: tenants (admin), definitions, instances,
+//! health and metrics. Every error is a JSON `ErrorBody` naming the problem.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use uuid::Uuid;
+use ward_shared::wire::{
+    CreateTenant, DefinitionPublished, ErrorBody, ErrorDetail, InstanceStarted, StartInstance,
+    TenantCreated, status,
+};
+use ward_shared::{Definition, Problem};
+use ward_store::{Store, Tenant};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    /// The epoch while this master leads, `None` otherwise.
+    pub leader: watch::Receiver<Option<i64>>,
+}
+
+/// The router with every route, limit and fallback.
+pub fn router(state: AppState) -> Router {
+    let payload_bytes_max = state.config.payload_bytes_max;
+    Router::new()
+        .route("/v1/admin/tenants", post(create_tenant))
+        .route("/v1/definitions", post(publish_definition))
+        .route("/v1/instances", post(start_instance))
+        .route("/v1/instances/{id}", get(get_instance))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(payload_bytes_max))
+        .with_state(state)
+}
+
+/// An API error: a status and a JSON body naming what is wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            detail: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                field: None,
+                problems: Vec::new(),
+            },
+        }
+    }
+
+    fn field(mut self, field: impl Into<String>) -> ApiError {
+        self.detail.field = Some(field.into());
+        self
+    }
+
+    fn problems(mut self, problems: Vec<Problem>) -> ApiError {
+        self.detail.field = problems.first().map(|problem| problem.field.clone());
+        self.detail.problems = problems;
+        self
+    }
+
+    fn store(error: ward_store::Error) -> ApiError {
+        match error {
+            ward_store::Error::DefinitionNotFound { name, version } => {
+                let message = match version {
+                    Some(version) => format!("definition `{name}` version {version} not found"),
+                    None => format!("definition `{name}` not found"),
+                };
+                ApiError::new(StatusCode::NOT_FOUND, "definition_not_found", message)
+                    .field("definition")
+            }
+            ward_store::Error::TenantExists(slug) => ApiError::new(
+                StatusCode::CONFLICT,
+                "tenant_exists",
+                format!("tenant `{slug}` already exists"),
+            )
+            .field("slug"),
+            other => {
+                tracing::warn!(error = %other, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the store is unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// The tenant whose API key authorised the request.
+pub struct Authenticated(pub Tenant);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let key = bearer(parts).map_err(|error| reject(state, error))?;
+        match state.store.tenant_for_key(key).await {
+            Ok(Some(tenant)) => Ok(Authenticated(tenant)),
+            Ok(None) => Err(reject(
+                state,
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the API key is not valid",
+                )
+                .field("authorization"),
+            )),
+            Err(error) => Err(reject(state, ApiError::store(error))),
+        }
+    }
+}
+
+/// A request carrying the admin token.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if state.config.admin_token.is_empty() {
+            return Err(reject(
+                state,
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "admin_disabled",
+                    "the admin API is disabled: no admin_token is configured",
+                ),
+            ));
+        }
+        let token = bearer(parts).map_err(|error| reject(state, error))?;
+        if !constant_time_eq(token.as_bytes(), state.config.admin_token.as_bytes()) {
+            return Err(reject(
+                state,
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the admin token is not valid",
+                )
+                .field("authorization"),
+            ));
+        }
+        Ok(Admin)
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let missing = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <key>` header",
+        )
+        .field("authorization")
+    };
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(missing)?;
+    let value = value.to_str().map_err(|_| missing())?;
+    value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .ok_or_else(missing)
+}
+
+fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    left.len() == right.len()
+        && left
+            .iter()
+            .zip(right)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn reject(state: &AppState, error: ApiError) -> Response {
+    count(state, &error);
+    error.into_response()
+}
+
+fn count(state: &AppState, error: &ApiError) {
+    state
+        .metrics
+        .api_errors_total
+        .with_label_values(&[error.detail.code.as_str()])
+        .inc();
+}
+
+/// Reads a JSON body, naming the field at fault when it does not fit `T`.
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "payload_too_large",
+                "the request body exceeds the size limit",
+            )
+        } else {
+            ApiError::new(status, "unreadable_body", rejection.body_text())
+        }
+    })?;
+    let deserializer = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let field = error.path().to_string();
+        let inner = error.into_inner();
+        let code = if inner.is_data() {
+            "invalid_field"
+        } else {
+            "invalid_json"
+        };
+        let api_error = ApiError::new(StatusCode::BAD_REQUEST, code, inner.to_string());
+        if field == "." {
+            api_error
+        } else {
+            api_error.field(field)
+        }
+    })
+}
+
+fn check_slug(value: &str, field: &str) -> Result<(), ApiError> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("`{value}` must be 1 to 64 lowercase letters, digits or `-`"),
+        )
+        .field(field))
+    }
+}
+
+async fn create_tenant(
+    State(state): State<AppState>,
+    _admin: Admin,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<TenantCreated>), Response> {
+    let result = async {
+        let request: CreateTenant = parse_json(body)?;
+        check_slug(&request.slug, "slug")?;
+        if !state.config.tiers.contains(&request.tier) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                format!(
+                    "unknown tier `{}`; known tiers: {}",
+                    request.tier,
+                    state.config.tiers.join(", ")
+                ),
+            )
+            .field("tier"));
+        }
+        let created = state
+            .store
+            .create_tenant(&request.slug, &request.tier)
+            .await
+            .map_err(ApiError::store)?;
+        Ok(TenantCreated {
+            id: created.tenant.id,
+            slug: created.tenant.slug,
+            tier: created.tenant.tier,
+            api_key: created.api_key,
+        })
+    }
+    .await;
+    result
+        .map(|created| (StatusCode::CREATED, Json(created)))
+        .map_err(|error| reject(&state, error))
+}
+
+async fn publish_definition(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<DefinitionPublished>), Response> {
+    let result = async {
+        let body = body.map_err(|rejection| {
+            ApiError::new(
+                rejection.status(),
+                "payload_too_large",
+                rejection.body_text(),
+            )
+        })?;
+        let definition = Definition::from_json(&body).map_err(|problems| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_definition",
+                format!("the definition has {} problem(s)", problems.len()),
+            )
+            .problems(problems)
+        })?;
+        let published = state
+            .store
+            .publish_definition(&tenant, &definition)
+            .await
+            .map_err(ApiError::store)?;
+        if published.created {
+            state.metrics.definitions_published_total.inc();
+        }
+        Ok((
+            if published.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            Json(DefinitionPublished {
+                id: published.id,
+                name: definition.name,
+                version: published.version,
+                created: published.created,
+            }),
+        ))
+    }
+    .await;
+    result.map_err(|error| reject(&state, error))
+}
+
+async fn start_instance(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<InstanceStarted>), Response> {
+    let result = async {
+        let request: StartInstance = parse_json(body)?;
+        if request.definition.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                "a definition name is needed",
+            )
+            .field("definition"));
+        }
+        let started = state
+            .store
+            .start_instance(&tenant, &request)
+            .await
+            .map_err(ApiError::store)?;
+        state.metrics.instances_started_total.inc();
+        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, "instance started");
+        Ok(InstanceStarted {
+            id: started.id,
+            status: status::RUNNING.to_owned(),
+            definition: started.definition,
+            version: started.version,
+        })
+    }
+    .await;
+    result
+        .map(|started| (StatusCode::CREATED, Json(started)))
+        .map_err(|error| reject(&state, error))
+}
+
+async fn get_instance(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Response, Response> {
+    let result = async {
+        let instance_id = Uuid::parse_str(&id).map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_field",
+                format!("`{id}` is not a UUID"),
+            )
+            .field("id")
+        })?;
+        let instance = state
+            .store
+            .instance(&tenant, instance_id)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "instance_not_found",
+                    format!("no instance {instance_id}"),
+                )
+                .field("id")
+            })?;
+        Ok(Json(instance).into_response())
+    }
+    .await;
+    result.map_err(|error| reject(&state, error))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let leader = *state.leader.borrow();
+    match state.store.ping().await {
+        Ok(()) => Json(
+            serde_json::json!({ "status": "ready", "leader": leader.is_some(), "epoch": leader }),
+        )
+        .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unavailable", "database": error.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let (size, idle) = state.store.pool_status();
+    state
+        .metrics
+        .db_pool_connections
+        .with_label_values(&["total"])
+        .set(i64::try_from(size).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .db_pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::try_from(idle).unwrap_or(i64::MAX));
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(State(state): State<AppState>) -> Response {
+    reject(
+        &state,
+        ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route"),
+    )
+}
+
+async fn method_not_allowed(State(state): State<AppState>) -> Response {
+    reject(
+        &state,
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        ),
+    )
+}

@@ -1,0 +1,131 @@
+//! Master configuration: defaults, then an optional TOML file, then `WARD_`
+//! environment variables (`__` separates sections: `WARD_DATABASE__URL`).
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use ward_shared::settings::{Amqp, Database, default_tiers};
+
+/// Everything a master needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Unique per process; the value a leader announces in etcd.
+    pub node_id: String,
+    /// Address the HTTP API and `/metrics` listen on.
+    pub http_addr: String,
+    /// Bearer token for `/v1/admin/*`; the admin API is off when empty.
+    pub admin_token: String,
+    pub tiers: Vec<String>,
+    pub database: Database,
+    pub amqp: Amqp,
+    pub etcd: Etcd,
+    pub dispatch: Dispatch,
+    /// Largest request body accepted, in bytes.
+    pub payload_bytes_max: usize,
+    /// Bound on draining in-flight work at shutdown.
+    pub shutdown_deadline_ms: u64,
+    /// Logs as JSON lines instead of text.
+    pub log_json: bool,
+}
+
+/// `[etcd]`: leader election.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Etcd {
+    pub endpoints: Vec<String>,
+    /// Key prefix of the election (one per test; `/ward` in production).
+    pub prefix: String,
+    /// Leader lease time to live; a standby takes over within about this.
+    pub lease_ttl_s: i64,
+    pub connect_timeout_ms: u64,
+}
+
+/// `[dispatch]`: how the leader moves ready tasks to the queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dispatch {
+    /// Most ready tasks claimed and published per transaction.
+    pub batch_len_max: i64,
+    /// Poll interval when no notification arrives.
+    pub poll_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: format!("master-{}", std::process::id()),
+            http_addr: "127.0.0.1:8080".into(),
+            admin_token: String::new(),
+            tiers: default_tiers(),
+            database: Database::default(),
+            amqp: Amqp::default(),
+            etcd: Etcd::default(),
+            dispatch: Dispatch::default(),
+            payload_bytes_max: 256 * 1024,
+            shutdown_deadline_ms: 10_000,
+            log_json: false,
+        }
+    }
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Etcd {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/ward".into(),
+            lease_ttl_s: 5,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Default for Dispatch {
+    fn default() -> Self {
+        Dispatch {
+            batch_len_max: 256,
+            poll_ms: 250,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `path` if given, then `WARD_*` variables.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Config::default()).context("defaults")?);
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let config: Config = builder
+            .add_source(
+                config::Environment::with_prefix("WARD")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("tiers")
+                    .with_list_parse_key("etcd.endpoints")
+                    .try_parsing(true),
+            )
+            .build()
+            .context("read configuration")?
+            .try_deserialize()
+            .context("parse configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.tiers.is_empty(), "tiers: at least one tier is needed");
+        anyhow::ensure!(
+            self.etcd.lease_ttl_s >= 1,
+            "etcd.lease_ttl_s: must be at least 1"
+        );
+        anyhow::ensure!(
+            self.dispatch.batch_len_max >= 1,
+            "dispatch.batch_len_max: must be at least 1"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The Ward master: serves the HTTP API on every replica and, on the elected
+//! leader only, runs the singleton loops (dispatch).
+
+pub mod api;
+pub mod config;
+pub mod dispatch;
+pub mod election;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// A running master.
+#[derive(Debug)]
+pub struct Master {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// The epoch while this master leads, `None` otherwise.
+    pub leader: watch::Receiver<Option<i64>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    shutdown_deadline: Duration,
+}
+
+impl Master {
+    /// Migrates the store, binds the API and starts campaigning.
+    pub async fn start(config: Config) -> anyhow::Result<Master> {
+        let config = Arc::new(config);
+        let db_settings = store_settings(&config);
+        ward_store::migrate(&db_settings).await.context("migrate")?;
+        let store = ward_store::Store::connect(&db_settings).context("connect store")?;
+        let metrics = metrics::Metrics::new();
+        let (leader_tx, leader_rx) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let listener = tokio::net::TcpListener::bind(&config.http_addr)
+            .await
+            .with_context(|| format!("bind {}", config.http_addr))?;
+        let http_addr = listener.local_addr()?;
+        let app = api::router(api::AppState {
+            store: store.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            leader: leader_rx.clone(),
+        });
+        let http_shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "http server failed");
+            }
+        });
+        tracker.spawn(election::run(
+            config.clone(),
+            store,
+            metrics,
+            leader_tx,
+            shutdown.clone(),
+        ));
+        tracker.close();
+        tracing::info!(%http_addr, node_id = %config.node_id, "master started");
+        Ok(Master {
+            http_addr,
+            leader: leader_rx,
+            shutdown,
+            tracker,
+            shutdown_deadline: Duration::from_millis(config.shutdown_deadline_ms),
+        })
+    }
+
+    /// Stops taking requests, steps down (resigning leadership), and waits
+    /// for in-flight work up to the shutdown deadline.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(self.shutdown_deadline, self.tracker.wait())
+            .await
+            .context("shutdown deadline passed with work still running")
+    }
+
+    /// True while this master is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader.borrow().is_some()
+    }
+}
+
+/// Store settings from the master configuration.
+pub fn store_settings(config: &Config) -> ward_store::Settings {
+    ward_store::Settings {
+        url: config.database.url.clone(),
+        schema: config.database.schema.clone(),
+        pool_size_max: config.database.pool_size_max,
+        pool_wait_ms: config.database.wait_ms,
+    }
+}
+
+/// Broker settings from the master configuration.
+pub fn broker_settings(config: &Config) -> ward_broker::Settings {
+    ward_broker::Settings {
+        url: config.amqp.url.clone(),
+        queue_prefix: config.amqp.queue_prefix.clone(),
+        delivery_limit: config.amqp.delivery_limit,
+    }
+}

@@ -1,0 +1,151 @@
+//! Master metrics: names are constants here; labels come from closed sets
+//! (tier, outcome), never tenant or instance ids.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+pub const INSTANCES_STARTED_TOTAL: &str = "ward_instances_started_total";
+pub const DEFINITIONS_PUBLISHED_TOTAL: &str = "ward_definitions_published_total";
+pub const API_ERRORS_TOTAL: &str = "ward_api_errors_total";
+pub const TASKS_DISPATCHED_TOTAL: &str = "ward_tasks_dispatched_total";
+pub const DISPATCH_BATCH_SECONDS: &str = "ward_dispatch_batch_seconds";
+pub const DISPATCH_ERRORS_TOTAL: &str = "ward_dispatch_errors_total";
+pub const READY_BACKLOG: &str = "ward_ready_backlog";
+pub const LEADER: &str = "ward_leader";
+pub const LEADER_EPOCH: &str = "ward_leader_epoch";
+pub const LEADER_CHANGES_TOTAL: &str = "ward_leader_changes_total";
+pub const DB_POOL_CONNECTIONS: &str = "ward_db_pool_connections";
+
+/// The master's metrics, registered in its own registry (so several masters
+/// can run in one test process).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub instances_started_total: IntCounter,
+    pub definitions_published_total: IntCounter,
+    /// By `code` (the API error code, a closed set).
+    pub api_errors_total: IntCounterVec,
+    /// By `tier`.
+    pub tasks_dispatched_total: IntCounterVec,
+    pub dispatch_batch_seconds: Histogram,
+    /// By `kind`: fenced, store, broker.
+    pub dispatch_errors_total: IntCounterVec,
+    /// By `tier`; refreshed by the leader.
+    pub ready_backlog: IntGaugeVec,
+    pub leader: IntGauge,
+    pub leader_epoch: IntGauge,
+    pub leader_changes_total: IntCounter,
+    /// By `state`: total, idle.
+    pub db_pool_connections: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let metrics = Metrics {
+            instances_started_total: IntCounter::new(INSTANCES_STARTED_TOTAL, "Instances started.")
+                .unwrap(),
+            definitions_published_total: IntCounter::new(
+                DEFINITIONS_PUBLISHED_TOTAL,
+                "Definition versions published.",
+            )
+            .unwrap(),
+            api_errors_total: IntCounterVec::new(
+                Opts::new(
+                    API_ERRORS_TOTAL,
+                    "API requests answered with an error, by code.",
+                ),
+                &["code"],
+            )
+            .unwrap(),
+            tasks_dispatched_total: IntCounterVec::new(
+                Opts::new(
+                    TASKS_DISPATCHED_TOTAL,
+                    "Task runs published to a tier queue.",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            dispatch_batch_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    DISPATCH_BATCH_SECONDS,
+                    "Time to claim, publish and mark one batch.",
+                )
+                .buckets(vec![
+                    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )
+            .unwrap(),
+            dispatch_errors_total: IntCounterVec::new(
+                Opts::new(
+                    DISPATCH_ERRORS_TOTAL,
+                    "Dispatch batches that failed, by kind.",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+            ready_backlog: IntGaugeVec::new(
+                Opts::new(
+                    READY_BACKLOG,
+                    "Ready task runs waiting in Postgres, by tier.",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            leader: IntGauge::new(LEADER, "1 while this master is the leader.").unwrap(),
+            leader_epoch: IntGauge::new(
+                LEADER_EPOCH,
+                "Epoch of this master's leadership term, 0 when not leader.",
+            )
+            .unwrap(),
+            leader_changes_total: IntCounter::new(
+                LEADER_CHANGES_TOTAL,
+                "Times this master became or stopped being the leader.",
+            )
+            .unwrap(),
+            db_pool_connections: IntGaugeVec::new(
+                Opts::new(DB_POOL_CONNECTIONS, "Postgres pool connections, by state."),
+                &["state"],
+            )
+            .unwrap(),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.instances_started_total.clone()),
+            Box::new(metrics.definitions_published_total.clone()),
+            Box::new(metrics.api_errors_total.clone()),
+            Box::new(metrics.tasks_dispatched_total.clone()),
+            Box::new(metrics.dispatch_batch_seconds.clone()),
+            Box::new(metrics.dispatch_errors_total.clone()),
+            Box::new(metrics.ready_backlog.clone()),
+            Box::new(metrics.leader.clone()),
+            Box::new(metrics.leader_epoch.clone()),
+            Box::new(metrics.leader_changes_total.clone()),
+            Box::new(metrics.db_pool_connections.clone()),
+        ];
+        for collector in collectors {
+            metrics.registry.register(collector).unwrap();
+        }
+        metrics
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

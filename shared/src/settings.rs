@@ -1,0 +1,55 @@
+//! Configuration sections shared by the master and the worker: plain data
+//! with defaults that suit the local stack. Loading them is the binaries' job.
+
+use serde::{Deserialize, Serialize};
+
+/// `[database]`: where Postgres is and how many connections to hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Database {
+    pub url: String,
+    /// Schema holding Ward's tables.
+    pub schema: String,
+    pub pool_size_max: usize,
+    /// Bound on connecting and on waiting for a pooled connection.
+    pub wait_ms: u64,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Database {
+            url: "postgres://postgres@127.0.0.1:5432/ward".into(),
+            schema: "public".into(),
+            pool_size_max: 16,
+            wait_ms: 5_000,
+        }
+    }
+}
+
+/// `[amqp]`: where RabbitMQ is and how queues are named and bounded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Amqp {
+    pub url: String,
+    pub queue_prefix: String,
+    /// Deliveries of one message before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// Bound on waiting for publisher confirms of one batch.
+    pub publish_timeout_ms: u64,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        Amqp {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue_prefix: String::new(),
+            delivery_limit: 20,
+            publish_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The default tiers, each with its own queue.
+pub fn default_tiers() -> Vec<String> {
+    vec!["gold".into(), "silver".into(), "bronze".into()]
+}

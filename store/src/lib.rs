@@ -1,0 +1,186 @@
+//! The only module that talks SQL: Ward's Postgres store.
+//!
+//! Postgres is the source of truth. Every function here runs its statements in
+//! one transaction and filters every tenant-owned row by `tenant_id`.
+
+mod completion;
+mod dispatch;
+mod listen;
+mod tenants;
+mod workflow;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+pub use completion::Completion;
+pub use dispatch::ReadyTask;
+pub use listen::Listener;
+pub use tenants::{Tenant, TenantWithKey};
+
+/// The channel a transaction notifies when it makes a task ready.
+pub const READY_CHANNEL: &str = "ward_ready";
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// Store errors a caller branches on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("definition `{name}` not found")]
+    DefinitionNotFound { name: String, version: Option<i32> },
+    #[error("tenant `{0}` already exists")]
+    TenantExists(String),
+    #[error("fenced: epoch {epoch} is not the current epoch {epoch_current}")]
+    Fenced { epoch: i64, epoch_current: i64 },
+    #[error("stored definition is unreadable: {0}")]
+    Corrupt(String),
+    #[error("publish: {0}")]
+    Publish(Box<dyn std::error::Error + Send + Sync>),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("migration: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+impl Error {
+    /// True when the database could not be reached or answered with a
+    /// server-side fault: the request may be retried.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Pool(_) | Error::Db(_))
+    }
+}
+
+/// Where the store lives and how many connections it may hold.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `postgres://user@host:port/database`
+    pub url: String,
+    /// Schema holding Ward's tables (one per test, `public` in production).
+    pub schema: String,
+    pub pool_size_max: usize,
+    /// Bound on waiting for a pooled connection.
+    pub pool_wait_ms: u64,
+}
+
+/// A handle on the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("status", &self.pool.status())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds the pool; connections are opened lazily.
+    pub fn connect(settings: &Settings) -> Result<Store, Error> {
+        let pg_config = pg_config(settings)?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(std::time::Duration::from_millis(settings.pool_wait_ms));
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size_max)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .build()
+            .map_err(|error| Error::Corrupt(format!("pool configuration: {error}")))?;
+        Ok(Store { pool })
+    }
+
+    /// Number of pooled connections, and how many are idle.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let status = self.pool.status();
+        (status.size, status.available)
+    }
+
+    /// Answers when the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+/// Creates the schema if needed and applies pending migrations, under an
+/// advisory lock so concurrent starters apply them once.
+pub async fn migrate(settings: &Settings) -> Result<(), Error> {
+    let mut admin_config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|error| Error::Corrupt(format!("database url: {error}")))?;
+    admin_config.connect_timeout(std::time::Duration::from_millis(settings.pool_wait_ms));
+    let (client, connection) = admin_config.connect(NoTls).await?;
+    let connection_task = tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}",
+            schema = quote_ident(&settings.schema)
+        ))
+        .await
+        .or_else(ignore_duplicate)?;
+    drop(client);
+    connection_task.abort();
+
+    let (mut client, connection) = pg_config(settings)?.connect(NoTls).await?;
+    let connection_task = tokio::spawn(connection);
+    client
+        .batch_execute("SELECT pg_advisory_lock(hashtext(current_schema()))")
+        .await?;
+    let result = embedded::migrations::runner().run_async(&mut client).await;
+    client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext(current_schema()))")
+        .await?;
+    drop(client);
+    connection_task.abort();
+    result?;
+    Ok(())
+}
+
+/// Connection settings shared by the pool and single connections: the schema
+/// on the search path, custom plans (generic plans built on empty tables fall
+/// back to sequential scans), and a connect timeout.
+pub(crate) fn pg_config(settings: &Settings) -> Result<tokio_postgres::Config, Error> {
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|error| Error::Corrupt(format!("database url: {error}")))?;
+    let options = format!(
+        "{} -c search_path={} -c plan_cache_mode=force_custom_plan",
+        config.get_options().unwrap_or_default(),
+        settings.schema
+    );
+    config.options(options.trim());
+    config.connect_timeout(std::time::Duration::from_millis(settings.pool_wait_ms));
+    if config.get_application_name().is_none() {
+        config.application_name("ward");
+    }
+    Ok(config)
+}
+
+fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Two sessions racing on `CREATE SCHEMA IF NOT EXISTS` can still collide.
+fn ignore_duplicate(error: tokio_postgres::Error) -> Result<(), tokio_postgres::Error> {
+    match error.code() {
+        Some(code) if *code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION => Ok(()),
+        Some(code) if *code == tokio_postgres::error::SqlState::DUPLICATE_SCHEMA => Ok(()),
+        _ => Err(error),
+    }
+}

@@ -1,0 +1,56 @@
+//! LISTEN on the ready channel: wakes the dispatcher when a transaction makes
+//! a task ready, so it need not poll tightly.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::{Error, READY_CHANNEL, Settings};
+
+/// A live LISTEN session. Dropping it stops listening.
+#[derive(Debug)]
+pub struct Listener {
+    _client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// Opens a dedicated connection, LISTENs, and calls `notify.notify_one()`
+    /// on every notification. When the connection ends, `notify` is woken once
+    /// more and [`Listener::is_closed`] turns true.
+    pub async fn start(settings: &Settings, notify: Arc<Notify>) -> Result<Listener, Error> {
+        let (client, mut connection) = crate::pg_config(settings)?.connect(NoTls).await?;
+        let wake = notify.clone();
+        let task = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            wake.notify_one();
+        });
+        client
+            .batch_execute(&format!("LISTEN {READY_CHANNEL}"))
+            .await?;
+        Ok(Listener {
+            _client: client,
+            task,
+        })
+    }
+
+    /// True once the connection has ended; the caller should start a new one.
+    pub fn is_closed(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

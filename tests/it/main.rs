@@ -1,0 +1,10 @@
+//! Ward's integration tests: one binary, one module per area, all against
+//! the real Postgres, RabbitMQ and etcd. Each test runs in its own sandbox
+//! (schema, queue prefix, etcd prefix) so tests run in parallel.
+
+mod api;
+mod cli;
+mod election;
+mod execution;
+mod sandbox;
+mod shutdown;

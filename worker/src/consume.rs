@@ -1,0 +1,254 @@
+//! The consume loop: one connection, a consumer per tier queue, a task per
+//! delivery; reconnects with backoff when the broker goes away.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use ward_broker::{Broker, Delivery};
+use ward_shared::transition::Outcome;
+use ward_shared::wire::TaskMessage;
+use ward_store::{Completion, Store};
+
+use crate::config::Config;
+use crate::handler::{Registry, Task};
+use crate::metrics::Metrics;
+
+const RECONNECT_DELAY_MS_MIN: u64 = 200;
+const RECONNECT_DELAY_MS_MAX: u64 = 5_000;
+const COMMIT_RETRY_DELAY_MS: u64 = 100;
+
+/// What the consume loop and every delivery task share.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub broker_connected: Arc<AtomicBool>,
+    /// Stop taking deliveries.
+    pub shutdown: CancellationToken,
+    /// Hand back deliveries still running.
+    pub hand_back: CancellationToken,
+}
+
+/// Consumes until shutdown, then waits for in-flight deliveries to settle.
+pub async fn run(context: Context) {
+    let in_flight = TaskTracker::new();
+    let mut reconnect_delay_ms = RECONNECT_DELAY_MS_MIN;
+    while !context.shutdown.is_cancelled() {
+        match consume_connection(&context, &in_flight).await {
+            Ok(()) => reconnect_delay_ms = RECONNECT_DELAY_MS_MIN,
+            Err(error) => {
+                tracing::warn!(%error, reconnect_delay_ms, "broker connection ended");
+                reconnect_delay_ms = (reconnect_delay_ms * 2).min(RECONNECT_DELAY_MS_MAX);
+            }
+        }
+        context.broker_connected.store(false, Ordering::Relaxed);
+        tokio::select! {
+            () = context.shutdown.cancelled() => {}
+            () = tokio::time::sleep(Duration::from_millis(reconnect_delay_ms)) => {}
+        }
+    }
+    in_flight.close();
+    in_flight.wait().await;
+}
+
+/// One broker connection's life. Returns Ok at shutdown once in-flight
+/// deliveries are settled, Err when the connection fails.
+async fn consume_connection(
+    context: &Context,
+    in_flight: &TaskTracker,
+) -> Result<(), ward_broker::Error> {
+    let settings = ward_broker::Settings {
+        url: context.config.amqp.url.clone(),
+        queue_prefix: context.config.amqp.queue_prefix.clone(),
+        delivery_limit: context.config.amqp.delivery_limit,
+    };
+    let broker = Broker::connect(&settings).await?;
+    broker.declare(&context.config.tiers).await?;
+    let mut inboxes = Vec::with_capacity(context.config.tiers.len());
+    for tier in &context.config.tiers {
+        let consumer_tag = format!("{}-{tier}", context.config.node_id);
+        inboxes.push(
+            broker
+                .consume(tier, context.config.prefetch, &consumer_tag)
+                .await?,
+        );
+    }
+    context.broker_connected.store(true, Ordering::Relaxed);
+    let outcome = {
+        let mut deliveries = futures::stream::select_all(inboxes.iter_mut());
+        loop {
+            tokio::select! {
+                () = context.shutdown.cancelled() => break Ok(()),
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        in_flight.spawn(process(context.clone(), delivery));
+                    }
+                    Some(Err(error)) => break Err(error),
+                    None => break Err(ward_broker::Error::Closed),
+                },
+            }
+        }
+    };
+    if outcome.is_ok() {
+        // Stop intake first, then let in-flight deliveries finish and ack.
+        for inbox in &inboxes {
+            let _ = inbox.cancel().await;
+        }
+        in_flight.close();
+        in_flight.wait().await;
+        in_flight.reopen();
+    }
+    for inbox in &inboxes {
+        inbox.close().await;
+    }
+    broker.close().await;
+    outcome
+}
+
+/// Runs one delivery to its end: handler, commit, ack (or hand-back).
+async fn process(context: Context, delivery: Delivery) {
+    context.metrics.tasks_in_flight.inc();
+    let message: TaskMessage = match serde_json::from_slice(delivery.body()) {
+        Ok(message) => message,
+        Err(error) => {
+            tracing::warn!(%error, "malformed task message; dead-lettering it");
+            context
+                .metrics
+                .deliveries_rejected_total
+                .with_label_values(&["malformed"])
+                .inc();
+            let _ = delivery.reject().await;
+            context.metrics.tasks_in_flight.dec();
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "task",
+        tenant_id = %message.tenant_id,
+        instance_id = %message.instance_id,
+        task_run_id = %message.task_run_id,
+        step_id = %message.step_id,
+    );
+    run_task(&context, &delivery, &message)
+        .instrument(span)
+        .await;
+    context.metrics.tasks_in_flight.dec();
+}
+
+async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage) {
+    let started_at = chrono::Utc::now();
+    let timer = context.metrics.task_execution_seconds.start_timer();
+    let outcome = tokio::select! {
+        outcome = execute(context, message) => outcome,
+        () = context.hand_back.cancelled() => {
+            hand_back(context, delivery, "shutdown deadline").await;
+            return;
+        }
+    };
+    timer.observe_duration();
+    let outcome_label = match outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::Failed { .. } => "failed",
+    };
+    context
+        .metrics
+        .tasks_executed_total
+        .with_label_values(&[outcome_label])
+        .inc();
+    let attempts_max = context.config.commit_attempts_max.max(1);
+    for attempt in 1..=attempts_max {
+        match context
+            .store
+            .complete_task(message, &outcome, started_at)
+            .await
+        {
+            Ok(completion) => {
+                let result = match completion {
+                    Completion::Applied { .. } => "applied",
+                    Completion::Duplicate => "duplicate",
+                    Completion::Unknown => "unknown",
+                };
+                context
+                    .metrics
+                    .task_commits_total
+                    .with_label_values(&[result])
+                    .inc();
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(%error, "ack failed after commit; the redelivery will be a duplicate");
+                }
+                return;
+            }
+            Err(error) if attempt < attempts_max && !context.hand_back.is_cancelled() => {
+                tracing::debug!(%error, attempt, "commit failed; retrying");
+                tokio::time::sleep(Duration::from_millis(COMMIT_RETRY_DELAY_MS << attempt)).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, attempt, "commit failed; handing the task back");
+                break;
+            }
+        }
+    }
+    hand_back(context, delivery, "commit failed").await;
+}
+
+async fn hand_back(context: &Context, delivery: &Delivery, reason: &str) {
+    context
+        .metrics
+        .task_commits_total
+        .with_label_values(&["handed_back"])
+        .inc();
+    tracing::info!(reason, "handing the task back to the queue");
+    if let Err(error) = delivery.requeue().await {
+        tracing::warn!(%error, "requeue failed; the broker redelivers when the channel closes");
+    }
+}
+
+/// Runs the handler with a timeout, turning panics and timeouts into failures.
+async fn execute(context: &Context, message: &TaskMessage) -> Outcome {
+    let Some(handler) = context.registry.get(&message.handler) else {
+        return Outcome::Failed {
+            error: format!(
+                "no handler `{}` is registered on this worker",
+                message.handler
+            ),
+        };
+    };
+    let task = Task {
+        tenant_id: message.tenant_id,
+        instance_id: message.instance_id,
+        task_run_id: message.task_run_id,
+        step_id: message.step_id.clone(),
+        attempt: message.attempt,
+        idempotency_key: message.idempotency_key.clone(),
+        input: message.input.clone(),
+    };
+    let timeout_ms = context.config.handler_timeout_ms;
+    let run = AssertUnwindSafe(handler.run(task)).catch_unwind();
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
+        Ok(Ok(Ok(output))) => Outcome::Succeeded { output },
+        Ok(Ok(Err(failure))) => Outcome::Failed {
+            error: failure.message,
+        },
+        Ok(Err(panic)) => {
+            let detail = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Outcome::Failed {
+                error: format!("handler panicked: {detail}"),
+            }
+        }
+        Err(_) => Outcome::Failed {
+            error: format!("handler timed out after {timeout_ms} ms"),
+        },
+    }
+}
