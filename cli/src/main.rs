@@ -40,9 +40,38 @@ enum Command {
     /// Manage workflow definitions.
     #[command(subcommand)]
     Definition(DefinitionCommand),
-    /// Start and inspect instances.
+    /// Start, inspect, cancel and signal instances.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Manage cron schedules that start instances.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// Create or replace a schedule.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        definition: String,
+        #[arg(long)]
+        version: Option<i32>,
+        /// Cron expression in UTC: 5 fields, or 6 with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// Input of every started instance, as JSON text.
+        #[arg(long)]
+        input: Option<String>,
+        /// Store it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// List the tenant's schedules.
+    List,
+    /// Delete a schedule.
+    Delete { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,7 +87,7 @@ enum TenantCommand {
 
 #[derive(Debug, Subcommand)]
 enum DefinitionCommand {
-    /// Publish a JSON definition file as a new version.
+    /// Publish a definition file (YAML for .yaml/.yml, else JSON) as a new version.
     Publish { file: PathBuf },
 }
 
@@ -78,6 +107,10 @@ enum InstanceCommand {
         input_file: Option<PathBuf>,
         #[arg(long)]
         business_key: Option<String>,
+        /// Sent as the Idempotency-Key header: a retry with the same key
+        /// returns the instance the first call started.
+        #[arg(long)]
+        idempotency_key: Option<String>,
         /// Wait until the instance completes or fails, then print it.
         #[arg(long)]
         wait: bool,
@@ -87,6 +120,33 @@ enum InstanceCommand {
     },
     /// Show an instance with its steps.
     Show { id: String },
+    /// List instances, newest first.
+    List {
+        #[arg(long)]
+        definition: Option<String>,
+        /// running, completed, failed or cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        business_key: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show an instance's history, oldest event first.
+    History { id: String },
+    /// Cancel a running instance.
+    Cancel { id: String },
+    /// Send a named signal to an instance.
+    Signal {
+        id: String,
+        name: String,
+        /// Payload as JSON text.
+        #[arg(long)]
+        payload: Option<String>,
+    },
 }
 
 /// Poll interval of `instance start --wait`.
@@ -136,9 +196,17 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         Command::Definition(DefinitionCommand::Publish { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("read {}", file.display()))?;
-            let body: Value = serde_json::from_str(&text)
-                .with_context(|| format!("parse {} as JSON", file.display()))?;
-            client.post(&tenant_key()?, "/v1/definitions", body).await
+            let yaml = file
+                .extension()
+                .is_some_and(|extension| extension == "yaml" || extension == "yml");
+            let content_type = if yaml {
+                "application/yaml"
+            } else {
+                "application/json"
+            };
+            client
+                .post_raw(&tenant_key()?, "/v1/definitions", content_type, text)
+                .await
         }
         Command::Instance(InstanceCommand::Start {
             definition,
@@ -146,6 +214,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             input,
             input_file,
             business_key,
+            idempotency_key,
             wait,
             wait_timeout_s,
         }) => {
@@ -166,7 +235,14 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 body["business_key"] = business_key.into();
             }
             let key = tenant_key()?;
-            let started = client.post(&key, "/v1/instances", body).await?;
+            let started = match idempotency_key {
+                Some(idempotency_key) => {
+                    client
+                        .post_keyed(&key, "/v1/instances", body, &idempotency_key)
+                        .await?
+                }
+                None => client.post(&key, "/v1/instances", body).await?,
+            };
             if !wait {
                 return Ok(started);
             }
@@ -190,6 +266,79 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         Command::Instance(InstanceCommand::Show { id }) => {
             client
                 .get(&tenant_key()?, &format!("/v1/instances/{id}"))
+                .await
+        }
+        Command::Instance(InstanceCommand::List {
+            definition,
+            status,
+            business_key,
+            limit,
+            cursor,
+        }) => {
+            let mut query: Vec<(&str, String)> = Vec::new();
+            query.extend(definition.map(|value| ("definition", value)));
+            query.extend(status.map(|value| ("status", value)));
+            query.extend(business_key.map(|value| ("business_key", value)));
+            query.extend(limit.map(|value| ("limit", value.to_string())));
+            query.extend(cursor.map(|value| ("cursor", value)));
+            let query = serde_urlencoded(&query);
+            client
+                .get(&tenant_key()?, &format!("/v1/instances{query}"))
+                .await
+        }
+        Command::Instance(InstanceCommand::History { id }) => {
+            client
+                .get(&tenant_key()?, &format!("/v1/instances/{id}/history"))
+                .await
+        }
+        Command::Instance(InstanceCommand::Cancel { id }) => {
+            client
+                .post(
+                    &tenant_key()?,
+                    &format!("/v1/instances/{id}/cancel"),
+                    Value::Null,
+                )
+                .await
+        }
+        Command::Instance(InstanceCommand::Signal { id, name, payload }) => {
+            let payload: Value = match payload {
+                Some(text) => serde_json::from_str(&text).context("--payload is not JSON")?,
+                None => Value::Null,
+            };
+            client
+                .post(
+                    &tenant_key()?,
+                    &format!("/v1/instances/{id}/signals/{name}"),
+                    payload,
+                )
+                .await
+        }
+        Command::Schedule(ScheduleCommand::Create {
+            name,
+            definition,
+            version,
+            cron,
+            input,
+            disabled,
+        }) => {
+            let input: Value = match input {
+                Some(text) => serde_json::from_str(&text).context("--input is not JSON")?,
+                None => Value::Object(Default::default()),
+            };
+            let mut body = serde_json::json!({
+                "name": name, "definition": definition, "cron": cron, "input": input, "enabled": !disabled,
+            });
+            if let Some(version) = version {
+                body["version"] = version.into();
+            }
+            client.post(&tenant_key()?, "/v1/schedules", body).await
+        }
+        Command::Schedule(ScheduleCommand::List) => {
+            client.get(&tenant_key()?, "/v1/schedules").await
+        }
+        Command::Schedule(ScheduleCommand::Delete { name }) => {
+            client
+                .delete(&tenant_key()?, &format!("/v1/schedules/{name}"))
                 .await
         }
     }
@@ -222,16 +371,92 @@ struct Client {
     url: String,
 }
 
+/// `?a=1&b=2` from pairs (empty when there are none).
+fn serde_urlencoded(pairs: &[(&str, String)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(key, value)| format!("{key}={}", percent_encode(value)))
+        .collect();
+    format!("?{}", encoded.join("&"))
+}
+
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 impl Client {
     async fn post(&self, token: &str, path: &str, body: Value) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token);
+        if !body.is_null() {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("POST {}{path}", self.url))?;
+        answer(response).await
+    }
+
+    async fn post_keyed(
+        &self,
+        token: &str,
+        path: &str,
+        body: Value,
+        idempotency_key: &str,
+    ) -> anyhow::Result<Value> {
         let response = self
             .http
             .post(format!("{}{path}", self.url))
             .bearer_auth(token)
+            .header("idempotency-key", idempotency_key)
             .json(&body)
             .send()
             .await
             .with_context(|| format!("POST {}{path}", self.url))?;
+        answer(response).await
+    }
+
+    async fn post_raw(
+        &self,
+        token: &str,
+        path: &str,
+        content_type: &str,
+        body: String,
+    ) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {}{path}", self.url))?;
+        answer(response).await
+    }
+
+    async fn delete(&self, token: &str, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("DELETE {}{path}", self.url))?;
         answer(response).await
     }
 

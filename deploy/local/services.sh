@@ -46,6 +46,9 @@ ensure_packages() {
     command -v psql >/dev/null || missing+=(postgresql-client)
     port_open "$AMQP_PORT" || command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
     command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

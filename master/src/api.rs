@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -14,15 +14,16 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use uuid::Uuid;
-use ward_shared::wire::{
-    CreateTenant, DefinitionPublished, ErrorBody, ErrorDetail, InstanceStarted, StartInstance,
-    TenantCreated, status,
-};
+use ward_shared::wire::{CreateTenant, DefinitionPublished, ErrorBody, ErrorDetail, TenantCreated};
 use ward_shared::{Definition, Problem};
 use ward_store::{Store, Tenant};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+
+mod external;
+mod instances;
+mod schedules;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The epoch while this master leads, `None` otherwise.
     pub leader: watch::Receiver<Option<i64>>,
+    /// Woken when a transaction makes a task ready (external-task long polls).
+    pub ready: Arc<tokio::sync::Notify>,
 }
 
 /// The router with every route, limit and fallback.
@@ -40,8 +43,26 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/tenants", post(create_tenant))
         .route("/v1/definitions", post(publish_definition))
-        .route("/v1/instances", post(start_instance))
-        .route("/v1/instances/{id}", get(get_instance))
+        .route("/v1/instances", post(instances::start).get(instances::list))
+        .route("/v1/instances/{id}", get(instances::show))
+        .route("/v1/instances/{id}/history", get(instances::history))
+        .route("/v1/instances/{id}/cancel", post(instances::cancel))
+        .route("/v1/instances/{id}/signals/{name}", post(instances::signal))
+        .route(
+            "/v1/external-tasks/fetch-and-lock",
+            post(external::fetch_and_lock),
+        )
+        .route("/v1/external-tasks/{id}/complete", post(external::complete))
+        .route("/v1/external-tasks/{id}/fail", post(external::fail))
+        .route(
+            "/v1/external-tasks/{id}/extend-lock",
+            post(external::extend_lock),
+        )
+        .route("/v1/schedules", post(schedules::put).get(schedules::list))
+        .route(
+            "/v1/schedules/{name}",
+            axum::routing::delete(schedules::delete),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -59,7 +80,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             detail: ErrorDetail {
@@ -71,7 +92,7 @@ impl ApiError {
         }
     }
 
-    fn field(mut self, field: impl Into<String>) -> ApiError {
+    pub(crate) fn field(mut self, field: impl Into<String>) -> ApiError {
         self.detail.field = Some(field.into());
         self
     }
@@ -82,7 +103,7 @@ impl ApiError {
         self
     }
 
-    fn store(error: ward_store::Error) -> ApiError {
+    pub(crate) fn store(error: ward_store::Error) -> ApiError {
         match error {
             ward_store::Error::DefinitionNotFound { name, version } => {
                 let message = match version {
@@ -91,6 +112,10 @@ impl ApiError {
                 };
                 ApiError::new(StatusCode::NOT_FOUND, "definition_not_found", message)
                     .field("definition")
+            }
+            ward_store::Error::Invalid { field, message } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+                    .field(field)
             }
             ward_store::Error::TenantExists(slug) => ApiError::new(
                 StatusCode::CONFLICT,
@@ -216,7 +241,7 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
             == 0
 }
 
-fn reject(state: &AppState, error: ApiError) -> Response {
+pub(crate) fn reject(state: &AppState, error: ApiError) -> Response {
     count(state, &error);
     error.into_response()
 }
@@ -230,7 +255,9 @@ fn count(state: &AppState, error: &ApiError) {
 }
 
 /// Reads a JSON body, naming the field at fault when it does not fit `T`.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -259,6 +286,37 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Resul
             api_error.field(field)
         }
     })
+}
+
+/// Parses a path id as a UUID, naming the field when it is not one.
+pub(crate) fn parse_id(id: &str, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("`{id}` is not a UUID"),
+        )
+        .field(field)
+    })
+}
+
+/// Checks a name (signal, schedule, worker id): 1 to 128 letters, digits, `_`, `-` or `.`.
+pub(crate) fn check_name(value: &str, field: &str) -> Result<(), ApiError> {
+    let valid = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("`{value}` must be 1 to 128 letters, digits, `_`, `-`, `.` or `:`"),
+        )
+        .field(field))
+    }
 }
 
 fn check_slug(value: &str, field: &str) -> Result<(), ApiError> {
@@ -320,6 +378,7 @@ async fn create_tenant(
 async fn publish_definition(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<DefinitionPublished>), Response> {
     let result = async {
@@ -330,7 +389,16 @@ async fn publish_definition(
                 rejection.body_text(),
             )
         })?;
-        let definition = Definition::from_json(&body).map_err(|problems| {
+        let is_yaml = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.contains("yaml"));
+        let parsed = if is_yaml {
+            Definition::from_yaml(&body)
+        } else {
+            Definition::from_json(&body)
+        };
+        let definition = parsed.map_err(|problems| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_definition",
@@ -359,74 +427,6 @@ async fn publish_definition(
                 created: published.created,
             }),
         ))
-    }
-    .await;
-    result.map_err(|error| reject(&state, error))
-}
-
-async fn start_instance(
-    State(state): State<AppState>,
-    Authenticated(tenant): Authenticated,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<InstanceStarted>), Response> {
-    let result = async {
-        let request: StartInstance = parse_json(body)?;
-        if request.definition.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                "a definition name is needed",
-            )
-            .field("definition"));
-        }
-        let started = state
-            .store
-            .start_instance(&tenant, &request)
-            .await
-            .map_err(ApiError::store)?;
-        state.metrics.instances_started_total.inc();
-        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, "instance started");
-        Ok(InstanceStarted {
-            id: started.id,
-            status: status::RUNNING.to_owned(),
-            definition: started.definition,
-            version: started.version,
-        })
-    }
-    .await;
-    result
-        .map(|started| (StatusCode::CREATED, Json(started)))
-        .map_err(|error| reject(&state, error))
-}
-
-async fn get_instance(
-    State(state): State<AppState>,
-    Authenticated(tenant): Authenticated,
-    Path(id): Path<String>,
-) -> Result<Response, Response> {
-    let result = async {
-        let instance_id = Uuid::parse_str(&id).map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_field",
-                format!("`{id}` is not a UUID"),
-            )
-            .field("id")
-        })?;
-        let instance = state
-            .store
-            .instance(&tenant, instance_id)
-            .await
-            .map_err(ApiError::store)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "instance_not_found",
-                    format!("no instance {instance_id}"),
-                )
-                .field("id")
-            })?;
-        Ok(Json(instance).into_response())
     }
     .await;
     result.map_err(|error| reject(&state, error))

@@ -50,6 +50,8 @@ pub struct Dispatch {
     pub batch_len_max: i64,
     /// Poll interval when no notification arrives.
     pub poll_ms: u64,
+    /// How often the leader looks for due timers, schedules and expired locks.
+    pub timer_poll_ms: u64,
 }
 
 impl Default for Config {
@@ -86,6 +88,7 @@ impl Default for Dispatch {
         Dispatch {
             batch_len_max: 256,
             poll_ms: 250,
+            timer_poll_ms: 100,
         }
     }
 }

@@ -159,6 +159,13 @@ async fn campaign_and_lead(
         epoch,
         term_over.clone(),
     ));
+    let timers = tokio::spawn(crate::timers::run(
+        store.clone(),
+        metrics.clone(),
+        config.dispatch.clone(),
+        epoch,
+        term_over.clone(),
+    ));
     let stop_reason = tokio::select! {
         () = lease_lost.cancelled() => "lease lost",
         () = shutdown.cancelled() => "shutdown",
@@ -170,6 +177,7 @@ async fn campaign_and_lead(
     metrics.leader_epoch.set(0);
     tracing::info!(epoch, reason = stop_reason, "stepping down");
     let _ = dispatcher.await;
+    let _ = timers.await;
     let _ = tokio::time::timeout(
         Duration::from_millis(STEP_DOWN_TIMEOUT_MS),
         election.resign(Some(ResignOptions::new().with_leader(leader_key))),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dispatch;
 pub mod election;
 pub mod metrics;
+pub mod timers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,11 +47,18 @@ impl Master {
             .await
             .with_context(|| format!("bind {}", config.http_addr))?;
         let http_addr = listener.local_addr()?;
+        let ready = Arc::new(tokio::sync::Notify::new());
+        tracker.spawn(listen_ready(
+            db_settings.clone(),
+            ready.clone(),
+            shutdown.clone(),
+        ));
         let app = api::router(api::AppState {
             store: store.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             leader: leader_rx.clone(),
+            ready,
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -91,6 +99,32 @@ impl Master {
     /// True while this master is the leader.
     pub fn is_leader(&self) -> bool {
         self.leader.borrow().is_some()
+    }
+}
+
+/// Keeps a LISTEN session open for the API's long polls, reconnecting.
+async fn listen_ready(
+    settings: ward_store::Settings,
+    ready: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    const RECONNECT_MS: u64 = 1_000;
+    while !shutdown.is_cancelled() {
+        match ward_store::Listener::start(&settings, ready.clone()).await {
+            Ok(listener) => {
+                while !listener.is_closed() {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(RECONNECT_MS)) => {}
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "listen for ready tasks failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(RECONNECT_MS)) => {}
+        }
     }
 }
 

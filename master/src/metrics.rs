@@ -16,6 +16,11 @@ pub const LEADER: &str = "ward_leader";
 pub const LEADER_EPOCH: &str = "ward_leader_epoch";
 pub const LEADER_CHANGES_TOTAL: &str = "ward_leader_changes_total";
 pub const DB_POOL_CONNECTIONS: &str = "ward_db_pool_connections";
+pub const INSTANCES_CANCELLED_TOTAL: &str = "ward_instances_cancelled_total";
+pub const SIGNALS_TOTAL: &str = "ward_signals_total";
+pub const TIMERS_FIRED_TOTAL: &str = "ward_timers_fired_total";
+pub const SCHEDULE_STARTS_TOTAL: &str = "ward_schedule_starts_total";
+pub const LOCKS_EXPIRED_TOTAL: &str = "ward_external_locks_expired_total";
 
 /// The master's metrics, registered in its own registry (so several masters
 /// can run in one test process).
@@ -38,6 +43,11 @@ pub struct Metrics {
     pub leader_changes_total: IntCounter,
     /// By `state`: total, idle.
     pub db_pool_connections: IntGaugeVec,
+    pub instances_cancelled_total: IntCounter,
+    pub signals_total: IntCounter,
+    pub timers_fired_total: IntCounter,
+    pub schedule_starts_total: IntCounter,
+    pub locks_expired_total: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,6 +125,27 @@ impl Metrics {
                 &["state"],
             )
             .unwrap(),
+            instances_cancelled_total: IntCounter::new(
+                INSTANCES_CANCELLED_TOTAL,
+                "Instances cancelled through the API.",
+            )
+            .unwrap(),
+            signals_total: IntCounter::new(SIGNALS_TOTAL, "Signals accepted.").unwrap(),
+            timers_fired_total: IntCounter::new(
+                TIMERS_FIRED_TOTAL,
+                "Durable timers fired by the leader (retry backoffs, delays, signal timeouts).",
+            )
+            .unwrap(),
+            schedule_starts_total: IntCounter::new(
+                SCHEDULE_STARTS_TOTAL,
+                "Instances started by cron schedules.",
+            )
+            .unwrap(),
+            locks_expired_total: IntCounter::new(
+                LOCKS_EXPIRED_TOTAL,
+                "External-task locks that expired and returned their task to ready.",
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -129,6 +160,11 @@ impl Metrics {
             Box::new(metrics.leader_epoch.clone()),
             Box::new(metrics.leader_changes_total.clone()),
             Box::new(metrics.db_pool_connections.clone()),
+            Box::new(metrics.instances_cancelled_total.clone()),
+            Box::new(metrics.signals_total.clone()),
+            Box::new(metrics.timers_fired_total.clone()),
+            Box::new(metrics.schedule_starts_total.clone()),
+            Box::new(metrics.locks_expired_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).unwrap();

@@ -21,6 +21,28 @@ pub struct TaskMessage {
     pub input: Value,
     /// The leadership epoch that dispatched this message.
     pub epoch: i64,
+    /// `task` or `http`.
+    #[serde(default = "task_kind")]
+    pub kind: String,
+    /// Bound on this attempt, from the step's `timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The request of an `http` step (its body is `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCall>,
+}
+
+fn task_kind() -> String {
+    "task".to_owned()
+}
+
+/// What an `http` step calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpCall {
+    pub url: String,
+    pub method: String,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// `POST /v1/instances` body.
@@ -44,6 +66,8 @@ pub struct InstanceStarted {
     pub status: String,
     pub definition: String,
     pub version: i32,
+    /// False when an idempotency key or business key matched an existing instance.
+    pub created: bool,
 }
 
 /// `GET /v1/instances/{id}` answer.
@@ -57,10 +81,161 @@ pub struct InstanceView {
     pub output: Option<Value>,
     pub error: Option<String>,
     pub business_key: Option<String>,
+    pub parent_instance_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub steps: Vec<StepView>,
+}
+
+/// One instance in a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    pub id: Uuid,
+    pub definition: String,
+    pub version: i32,
+    pub status: String,
+    pub business_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/instances` answer: newest first; pass `next_cursor` as `cursor`
+/// for the next page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceList {
+    pub instances: Vec<InstanceSummary>,
+    pub next_cursor: Option<String>,
+}
+
+/// One entry of an instance's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    pub at: DateTime<Utc>,
+    /// instance_created, step_ready, step_waiting, step_skipped,
+    /// retry_scheduled, timer_fired, step_dispatched, step_locked,
+    /// step_started, step_completed, step_failed, step_timed_out,
+    /// step_cancelled, signal_received, instance_completed,
+    /// instance_failed, instance_cancelled.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_run_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+/// `GET /v1/instances/{id}/history` answer, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub instance_id: Uuid,
+    pub events: Vec<HistoryEvent>,
+}
+
+/// `POST /v1/instances/{id}/signals/{name}` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalSent {
+    /// True when a waiting step took it now; false when it is kept for a
+    /// step that waits for it later.
+    pub delivered: bool,
+}
+
+/// `POST /v1/external-tasks/fetch-and-lock` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchAndLock {
+    pub worker_id: String,
+    /// Handler names this worker runs.
+    pub handlers: Vec<String>,
+    #[serde(default = "one")]
+    pub max_tasks: u32,
+    pub lock_ms: u64,
+    /// Long-poll: wait up to this long for a task when none is ready.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A task locked for an external worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockedTask {
+    pub task_run_id: Uuid,
+    pub instance_id: Uuid,
+    pub step_id: String,
+    pub handler: String,
+    pub attempt: i32,
+    pub idempotency_key: String,
+    pub input: Value,
+    pub locked_until: DateTime<Utc>,
+}
+
+/// `POST /v1/external-tasks/{id}/complete` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteExternal {
+    pub worker_id: String,
+    #[serde(default)]
+    pub output: Value,
+}
+
+/// `POST /v1/external-tasks/{id}/fail` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailExternal {
+    pub worker_id: String,
+    pub error: String,
+    /// Retry under the step's policy (default true).
+    #[serde(default = "yes")]
+    pub retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/external-tasks/{id}/extend-lock` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendLock {
+    pub worker_id: String,
+    pub lock_ms: u64,
+}
+
+/// `POST /v1/schedules` body: creates or replaces a schedule by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    pub name: String,
+    pub definition: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    /// 5 fields, or 6 with seconds first; UTC.
+    pub cron: String,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// A schedule as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub name: String,
+    pub definition: String,
+    pub version: Option<i32>,
+    pub cron: String,
+    pub input: Value,
+    pub enabled: bool,
+    pub next_fire_at: DateTime<Utc>,
+    pub last_fire_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
 }
 
 /// One task run within an instance view.
@@ -68,6 +243,7 @@ pub struct InstanceView {
 pub struct StepView {
     pub task_run_id: Uuid,
     pub step_id: String,
+    pub kind: String,
     pub handler: String,
     pub attempt: i32,
     pub state: String,
@@ -75,6 +251,11 @@ pub struct StepView {
     pub input: Value,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// For a failed run: may another attempt succeed?
+    pub retryable: bool,
+    /// When a waiting run's timer fires (or fired).
+    pub available_at: Option<DateTime<Utc>>,
+    pub child_instance_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub dispatched_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
@@ -131,12 +312,5 @@ pub mod status {
     pub const RUNNING: &str = "running";
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
-}
-
-/// Task run states.
-pub mod task_state {
-    pub const READY: &str = "ready";
-    pub const DISPATCHED: &str = "dispatched";
-    pub const COMPLETED: &str = "completed";
-    pub const FAILED: &str = "failed";
+    pub const CANCELLED: &str = "cancelled";
 }

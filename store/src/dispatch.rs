@@ -3,10 +3,15 @@
 
 use std::future::Future;
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use uuid::Uuid;
-use ward_shared::wire::{TaskMessage, task_state};
+use ward_shared::engine::RunState;
+use ward_shared::schedule::Cron;
+use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
-use crate::{Error, Store};
+use crate::progress::{self, Settlement};
+use crate::{Error, READY_CHANNEL, Store, Tenant};
 
 /// A ready task claimed for dispatch, with the tier queue it goes to.
 #[derive(Debug, Clone)]
@@ -73,8 +78,8 @@ impl Store {
         check_epoch(&transaction, epoch).await?;
         let rows = transaction
             .query(
-                "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input \
-                 FROM task_runs WHERE state = 'ready' ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config \
+                 FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&batch_len_max],
             )
             .await?;
@@ -84,19 +89,32 @@ impl Store {
         let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
         let tasks: Vec<ReadyTask> = rows
             .into_iter()
-            .map(|row| ReadyTask {
-                tier: row.get(6),
-                message: TaskMessage {
-                    task_run_id: row.get(0),
-                    tenant_id: row.get(1),
-                    instance_id: row.get(2),
-                    step_id: row.get(3),
-                    handler: row.get(4),
-                    attempt: row.get(5),
-                    idempotency_key: row.get(7),
-                    input: row.get(8),
-                    epoch,
-                },
+            .map(|row| {
+                let kind: String = row.get(9);
+                let config: Option<Value> = row.get(10);
+                let config = config.unwrap_or(Value::Null);
+                let http = (kind == "http").then(|| HttpCall {
+                    url: config["url"].as_str().unwrap_or_default().to_owned(),
+                    method: config["method"].as_str().unwrap_or("POST").to_owned(),
+                    headers: serde_json::from_value(config["headers"].clone()).unwrap_or_default(),
+                });
+                ReadyTask {
+                    tier: row.get(6),
+                    message: TaskMessage {
+                        task_run_id: row.get(0),
+                        tenant_id: row.get(1),
+                        instance_id: row.get(2),
+                        step_id: row.get(3),
+                        handler: row.get(4),
+                        attempt: row.get(5),
+                        idempotency_key: row.get(7),
+                        input: row.get(8),
+                        epoch,
+                        kind,
+                        timeout_ms: config["timeout_ms"].as_u64(),
+                        http,
+                    },
+                }
             })
             .collect();
         publish(tasks)
@@ -106,7 +124,7 @@ impl Store {
             .execute(
                 "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2 \
                  WHERE id = ANY($3) AND state = 'ready'",
-                &[&task_state::DISPATCHED, &epoch, &ids],
+                &[&RunState::Dispatched.as_str(), &epoch, &ids],
             )
             .await?;
         transaction.commit().await?;
@@ -118,7 +136,7 @@ impl Store {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "SELECT tier, count(*) FROM task_runs WHERE state = 'ready' GROUP BY tier",
+                "SELECT tier, count(*) FROM task_runs WHERE state = 'ready' AND NOT external GROUP BY tier",
                 &[],
             )
             .await?;
@@ -126,6 +144,198 @@ impl Store {
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect())
+    }
+
+    /// Fires up to `batch_len_max` due timers, each in its own fenced
+    /// transaction: a retry backoff makes its run ready, a delay completes,
+    /// a signal wait times out. Returns how many fired.
+    pub async fn fire_due_timers(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
+        let due = {
+            let client = self.pool.get().await?;
+            client
+                .query(
+                    "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'waiting' \
+                     AND available_at <= now() ORDER BY available_at LIMIT $1",
+                    &[&batch_len_max],
+                )
+                .await?
+        };
+        let mut fired = 0;
+        for row in due {
+            let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
+                (row.get(0), row.get(1), row.get(2));
+            let mut client = self.pool.get().await?;
+            let transaction = client.transaction().await?;
+            check_epoch(&transaction, epoch).await?;
+            // Instance first, then the run: the order every writer uses.
+            if progress::lock_instance(&transaction, tenant_id, instance_id)
+                .await?
+                .is_none()
+            {
+                continue;
+            }
+            let Some(run) = transaction
+                .query_opt(
+                    "SELECT kind, input, signal, available_at - created_at FROM task_runs \
+                     WHERE id = $1 AND state = 'waiting' AND available_at <= now() FOR UPDATE",
+                    &[&task_run_id],
+                )
+                .await?
+            else {
+                continue;
+            };
+            let kind: String = run.get(0);
+            match kind.as_str() {
+                "task" | "http" => {
+                    transaction
+                        .execute(
+                            "UPDATE task_runs SET state = 'ready' WHERE id = $1",
+                            &[&task_run_id],
+                        )
+                        .await?;
+                    transaction
+                        .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                        .await?;
+                }
+                "delay" => {
+                    let input: Value = run.get(1);
+                    progress::settle(
+                        &transaction,
+                        tenant_id,
+                        instance_id,
+                        task_run_id,
+                        &[RunState::Waiting],
+                        None,
+                        Settlement::Succeeded(input),
+                        None,
+                    )
+                    .await?;
+                }
+                "wait_signal" => {
+                    let signal: Option<String> = run.get(2);
+                    let error =
+                        format!("no signal `{}` arrived in time", signal.unwrap_or_default());
+                    progress::settle(
+                        &transaction,
+                        tenant_id,
+                        instance_id,
+                        task_run_id,
+                        &[RunState::Waiting],
+                        None,
+                        Settlement::TimedOut(error),
+                        None,
+                    )
+                    .await?;
+                }
+                other => return Err(Error::Corrupt(format!("a {other} run has a timer"))),
+            }
+            transaction.commit().await?;
+            fired += 1;
+        }
+        Ok(fired)
+    }
+
+    /// Returns external tasks whose lock expired to the ready state, under
+    /// the epoch check. Returns how many.
+    pub async fn reap_expired_locks(&self, epoch: i64, batch_len_max: i64) -> Result<u64, Error> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        check_epoch(&transaction, epoch).await?;
+        let reaped = transaction
+            .execute(
+                "UPDATE task_runs SET state = 'ready', lock_owner = NULL, locked_until = NULL, dispatched_at = NULL \
+                 WHERE id IN (SELECT id FROM task_runs WHERE state = 'locked' AND locked_until < now() \
+                 ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                &[&batch_len_max],
+            )
+            .await?;
+        if reaped > 0 {
+            transaction
+                .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(reaped)
+    }
+
+    /// Starts one instance for each due schedule tick, each in its own
+    /// fenced transaction, keyed `schedule:<name>:<tick>` so a tick starts at
+    /// most one instance even across failover. Missed ticks collapse into
+    /// one. Returns how many instances started.
+    pub async fn fire_due_schedules(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
+        let due: Vec<Uuid> = {
+            let client = self.pool.get().await?;
+            client
+                .query(
+                    "SELECT id FROM schedules WHERE enabled AND next_fire_at <= now() ORDER BY next_fire_at LIMIT $1",
+                    &[&batch_len_max],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
+        let mut started = 0;
+        for schedule_id in due {
+            let mut client = self.pool.get().await?;
+            let transaction = client.transaction().await?;
+            check_epoch(&transaction, epoch).await?;
+            let Some(row) = transaction
+                .query_opt(
+                    "SELECT s.tenant_id, t.slug, t.tier, s.name, s.definition, s.version, s.cron, s.input, s.next_fire_at \
+                     FROM schedules s JOIN tenants t ON t.id = s.tenant_id \
+                     WHERE s.id = $1 AND s.enabled AND s.next_fire_at <= now() FOR UPDATE OF s SKIP LOCKED",
+                    &[&schedule_id],
+                )
+                .await?
+            else {
+                continue;
+            };
+            let tenant = Tenant {
+                id: row.get(0),
+                slug: row.get(1),
+                tier: row.get(2),
+            };
+            let name: String = row.get(3);
+            let tick: DateTime<Utc> = row.get(8);
+            let request = StartInstance {
+                definition: row.get(4),
+                version: row.get(5),
+                input: row.get(7),
+                business_key: None,
+            };
+            let key = format!("schedule:{name}:{}", tick.to_rfc3339());
+            let last_error = match crate::workflow::start_instance_tx(
+                &transaction,
+                &tenant,
+                &request,
+                Some(&key),
+            )
+            .await
+            {
+                Ok(instance) => {
+                    started += usize::from(instance.created);
+                    None
+                }
+                Err(Error::DefinitionNotFound { name, .. }) => {
+                    Some(format!("definition `{name}` not found"))
+                }
+                Err(other) => return Err(other),
+            };
+            let cron_text: String = row.get(6);
+            let next = Cron::parse(&cron_text)
+                .ok()
+                .and_then(|cron| cron.next_after(tick.max(Utc::now())))
+                .unwrap_or_else(|| Utc::now() + chrono::Duration::days(365));
+            transaction
+                .execute(
+                    "UPDATE schedules SET next_fire_at = $1, last_fire_at = $2, last_error = $3 WHERE id = $4",
+                    &[&next, &tick, &last_error, &schedule_id],
+                )
+                .await?;
+            transaction.commit().await?;
+        }
+        Ok(started)
     }
 }
 

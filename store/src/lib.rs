@@ -3,19 +3,24 @@
 //! Postgres is the source of truth. Every function here runs its statements in
 //! one transaction and filters every tenant-owned row by `tenant_id`.
 
-mod completion;
 mod dispatch;
 mod listen;
+mod progress;
+mod runs;
+mod schedules;
 mod tenants;
 mod workflow;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-pub use completion::Completion;
 pub use dispatch::ReadyTask;
 pub use listen::Listener;
+pub use progress::{Completion, DEPTH_MAX, Settlement};
+pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX};
+pub use schedules::SCHEDULES_PER_TENANT_MAX;
 pub use tenants::{Tenant, TenantWithKey};
+pub use workflow::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, SignalOutcome, Started};
 
 /// The channel a transaction notifies when it makes a task ready.
 pub const READY_CHANNEL: &str = "ward_ready";
@@ -29,6 +34,8 @@ mod embedded {
 pub enum Error {
     #[error("definition `{name}` not found")]
     DefinitionNotFound { name: String, version: Option<i32> },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
     #[error("tenant `{0}` already exists")]
     TenantExists(String),
     #[error("fenced: epoch {epoch} is not the current epoch {epoch_current}")]

@@ -17,8 +17,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Opens a dedicated connection, LISTENs, and calls `notify.notify_one()`
-    /// on every notification. When the connection ends, `notify` is woken once
+    /// Opens a dedicated connection, LISTENs, and on every notification wakes
+    /// `notify` (one stored permit for a loop, and every current waiter).
+    /// When the connection ends, `notify` is woken once
     /// more and [`Listener::is_closed`] turns true.
     pub async fn start(settings: &Settings, notify: Arc<Notify>) -> Result<Listener, Error> {
         let (client, mut connection) = crate::pg_config(settings)?.connect(NoTls).await?;
@@ -27,7 +28,10 @@ impl Listener {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                    Ok(AsyncMessage::Notification(_)) => {
+                        wake.notify_one();
+                        wake.notify_waiters();
+                    }
                     Ok(_) => {}
                     Err(_) => break,
                 }

@@ -1,13 +1,23 @@
-//! Definitions and instances: publishing versions, starting an instance with
-//! its first ready task in one transaction, and reading an instance back.
+//! Definitions and instances: publishing versions, starting instances (the
+//! one function every ingress calls), children, reading, listing, history,
+//! cancelling and signalling.
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio_postgres::Transaction;
 use uuid::Uuid;
 use ward_shared::Definition;
-use ward_shared::transition::idempotency_key;
-use ward_shared::wire::{InstanceView, StartInstance, StepView, status, task_state};
+use ward_shared::engine::RunState;
+use ward_shared::wire::{
+    HistoryEvent, InstanceList, InstanceSummary, InstanceView, StartInstance, StepView, status,
+};
 
-use crate::{Error, READY_CHANNEL, Store, Tenant};
+use crate::progress::{self, Locked, Settlement};
+use crate::{Error, Store, Tenant};
+
+/// Most instances one list page returns.
+pub const LIST_LIMIT_MAX: i64 = 200;
+/// Most history events returned for one instance.
+pub const HISTORY_EVENTS_MAX: usize = 10_000;
 
 /// A published definition version.
 #[derive(Debug, Clone)]
@@ -17,12 +27,46 @@ pub struct Published {
     pub created: bool,
 }
 
-/// A started instance.
+/// A started (or found) instance.
 #[derive(Debug, Clone)]
 pub struct Started {
     pub id: Uuid,
     pub definition: String,
     pub version: i32,
+    pub status: String,
+    /// False when an idempotency key or business key matched an existing instance.
+    pub created: bool,
+}
+
+/// Filters of an instance list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub definition: Option<String>,
+    pub status: Option<String>,
+    pub business_key: Option<String>,
+    /// Return instances older than this one (the previous page's last).
+    pub before: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// What sending a signal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalOutcome {
+    /// A waiting step took it.
+    Delivered,
+    /// Kept until a step waits for it.
+    Buffered,
+    /// The instance has ended with this status.
+    Finished(String),
+    NotFound,
+}
+
+/// What cancelling did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled,
+    Finished(String),
+    NotFound,
 }
 
 impl Store {
@@ -76,77 +120,41 @@ impl Store {
         })
     }
 
-    /// Starts an instance: writes it and its first ready task in ONE
-    /// transaction and wakes the dispatcher. Every ingress calls this.
+    /// True when the tenant has the definition (at that version, if given).
+    pub async fn definition_exists(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        version: Option<i32>,
+    ) -> Result<bool, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) LIMIT 1",
+                &[&tenant.id, &name, &version],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Starts an instance: writes it and its first runs in ONE transaction
+    /// and wakes the dispatcher. An `idempotency_key` (or the request's
+    /// business key) that matches an existing instance returns that one.
+    /// Every ingress (API, schedules, and later HL7 and FHIR) calls this.
     pub async fn start_instance(
         &self,
         tenant: &Tenant,
         request: &StartInstance,
+        idempotency_key: Option<&str>,
     ) -> Result<Started, Error> {
         let mut client = self.pool.get().await?;
         let transaction = client.transaction().await?;
-        let row = transaction
-            .query_opt(
-                "SELECT id, version, spec FROM definitions \
-                 WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
-                 ORDER BY version DESC LIMIT 1",
-                &[&tenant.id, &request.definition, &request.version],
-            )
-            .await?
-            .ok_or_else(|| Error::DefinitionNotFound {
-                name: request.definition.clone(),
-                version: request.version,
-            })?;
-        let definition_id: Uuid = row.get(0);
-        let version: i32 = row.get(1);
-        let definition: Definition = serde_json::from_value(row.get(2))
-            .map_err(|error| Error::Corrupt(error.to_string()))?;
-        let instance_id = Uuid::now_v7();
-        transaction
-            .execute(
-                "INSERT INTO instances (id, tenant_id, definition_id, status, input, business_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &instance_id,
-                    &tenant.id,
-                    &definition_id,
-                    &status::RUNNING,
-                    &request.input,
-                    &request.business_key,
-                ],
-            )
-            .await?;
-        let step = definition.first_step();
-        transaction
-            .execute(
-                "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, handler, attempt, tier, \
-                 state, idempotency_key, input) VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, $9)",
-                &[
-                    &Uuid::now_v7(),
-                    &tenant.id,
-                    &instance_id,
-                    &step.id,
-                    &step.handler_name(),
-                    &tenant.tier,
-                    &task_state::READY,
-                    &idempotency_key(instance_id, &step.id),
-                    &request.input,
-                ],
-            )
-            .await?;
-        transaction
-            .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
-            .await?;
+        let started = start_instance_tx(&transaction, tenant, request, idempotency_key).await?;
         transaction.commit().await?;
-        Ok(Started {
-            id: instance_id,
-            definition: definition.name,
-            version,
-        })
+        Ok(started)
     }
 
-    /// An instance of `tenant` with its task runs, or `None` if the tenant
-    /// has no such instance.
+    /// An instance of `tenant` with its task runs, or `None`.
     pub async fn instance(
         &self,
         tenant: &Tenant,
@@ -161,8 +169,8 @@ impl Store {
             .await?;
         let Some(row) = transaction
             .query_opt(
-                "SELECT i.id, d.name, d.version, i.status, i.input, i.output, i.error, \
-                 i.business_key, i.created_at, i.updated_at, i.completed_at \
+                "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
+                 i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at \
                  FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND i.id = $2",
                 &[&tenant.id, &instance_id],
@@ -173,8 +181,8 @@ impl Store {
         };
         let steps = transaction
             .query(
-                "SELECT id, step_id, handler, attempt, state, idempotency_key, input, output, error, \
-                 created_at, dispatched_at, started_at, finished_at \
+                "SELECT id, step_id, kind, handler, attempt, state, idempotency_key, input, output, error, \
+                 retryable, available_at, child_instance_id, created_at, dispatched_at, started_at, finished_at \
                  FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id",
                 &[&tenant.id, &instance_id],
             )
@@ -183,17 +191,21 @@ impl Store {
             .map(|step| StepView {
                 task_run_id: step.get(0),
                 step_id: step.get(1),
-                handler: step.get(2),
-                attempt: step.get(3),
-                state: step.get(4),
-                idempotency_key: step.get(5),
-                input: step.get(6),
-                output: step.get(7),
-                error: step.get(8),
-                created_at: step.get(9),
-                dispatched_at: step.get(10),
-                started_at: step.get(11),
-                finished_at: step.get(12),
+                kind: step.get(2),
+                handler: step.get(3),
+                attempt: step.get(4),
+                state: step.get(5),
+                idempotency_key: step.get(6),
+                input: step.get(7),
+                output: step.get(8),
+                error: step.get(9),
+                retryable: step.get(10),
+                available_at: step.get(11),
+                child_instance_id: step.get(12),
+                created_at: step.get(13),
+                dispatched_at: step.get(14),
+                started_at: step.get(15),
+                finished_at: step.get(16),
             })
             .collect();
         transaction.commit().await?;
@@ -206,10 +218,398 @@ impl Store {
             output: row.get(5),
             error: row.get(6),
             business_key: row.get(7),
-            created_at: row.get(8),
-            updated_at: row.get(9),
-            completed_at: row.get(10),
+            parent_instance_id: row.get(8),
+            created_at: row.get(9),
+            updated_at: row.get(10),
+            completed_at: row.get(11),
             steps,
         }))
     }
+
+    /// A page of a tenant's instances, newest first.
+    pub async fn list_instances(
+        &self,
+        tenant: &Tenant,
+        filter: &ListFilter,
+    ) -> Result<InstanceList, Error> {
+        let client = self.pool.get().await?;
+        let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
+        let rows = client
+            .query(
+                "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
+                 i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
+                 WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.definition_name = $2) \
+                 AND ($3::text IS NULL OR i.status = $3) AND ($4::text IS NULL OR i.business_key = $4) \
+                 AND ($5::uuid IS NULL OR i.id < $5) ORDER BY i.id DESC LIMIT $6",
+                &[&tenant.id, &filter.definition, &filter.status, &filter.business_key, &filter.before, &(limit + 1)],
+            )
+            .await?;
+        let mut instances: Vec<InstanceSummary> = rows
+            .into_iter()
+            .map(|row| InstanceSummary {
+                id: row.get(0),
+                definition: row.get(1),
+                version: row.get(2),
+                status: row.get(3),
+                business_key: row.get(4),
+                created_at: row.get(5),
+                updated_at: row.get(6),
+                completed_at: row.get(7),
+            })
+            .collect();
+        let next_cursor = if instances.len() as i64 > limit {
+            instances.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            instances.last().map(|last| last.id.to_string())
+        } else {
+            None
+        };
+        Ok(InstanceList {
+            instances,
+            next_cursor,
+        })
+    }
+
+    /// The ordered history of an instance, built from its rows.
+    pub async fn history(
+        &self,
+        tenant: &Tenant,
+        instance_id: Uuid,
+    ) -> Result<Option<Vec<HistoryEvent>>, Error> {
+        let client = self.pool.get().await?;
+        let Some(instance) = client
+            .query_opt(
+                "SELECT status, created_at, completed_at, error FROM instances WHERE tenant_id = $1 AND id = $2",
+                &[&tenant.id, &instance_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let event = |at, name: &str| HistoryEvent {
+            at,
+            event: name.to_owned(),
+            step_id: None,
+            task_run_id: None,
+            attempt: None,
+            detail: None,
+        };
+        let mut events = vec![event(instance.get(1), "instance_created")];
+        // Signals before runs: a signal and the step it completes share an instant.
+        for signal in client
+            .query(
+                "SELECT received_at, name, consumed_by FROM signals WHERE tenant_id = $1 AND instance_id = $2 \
+                 ORDER BY received_at LIMIT $3",
+                &[&tenant.id, &instance_id, &(HISTORY_EVENTS_MAX as i64)],
+            )
+            .await?
+        {
+            let mut received = event(signal.get(0), "signal_received");
+            received.detail = Some(json!({ "name": signal.get::<_, String>(1), "taken_by": signal.get::<_, Option<Uuid>>(2) }));
+            events.push(received);
+        }
+        let runs = client
+            .query(
+                "SELECT id, step_id, kind, attempt, state, error, external, created_at, available_at, dispatched_at, \
+                 started_at, finished_at, signal, child_instance_id FROM task_runs \
+                 WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id LIMIT $3",
+                &[&tenant.id, &instance_id, &(HISTORY_EVENTS_MAX as i64)],
+            )
+            .await?;
+        for run in runs {
+            let step_event = |at, name: &str, detail: Option<Value>| HistoryEvent {
+                at,
+                event: name.to_owned(),
+                step_id: Some(run.get(1)),
+                task_run_id: Some(run.get(0)),
+                attempt: Some(run.get(3)),
+                detail,
+            };
+            let kind: String = run.get(2);
+            let attempt: i32 = run.get(3);
+            let state: String = run.get(4);
+            let error: Option<String> = run.get(5);
+            let external: bool = run.get(6);
+            let available_at: Option<chrono::DateTime<chrono::Utc>> = run.get(8);
+            let finished_at: Option<chrono::DateTime<chrono::Utc>> = run.get(11);
+            let created = if state == RunState::Skipped.as_str() {
+                "step_skipped"
+            } else if attempt > 1 {
+                "retry_scheduled"
+            } else if available_at.is_some()
+                || matches!(kind.as_str(), "wait_signal" | "sub_workflow")
+            {
+                "step_waiting"
+            } else {
+                "step_ready"
+            };
+            let detail = match kind.as_str() {
+                "wait_signal" => Some(
+                    json!({ "signal": run.get::<_, Option<String>>(12), "timeout_at": available_at }),
+                ),
+                "sub_workflow" => {
+                    Some(json!({ "child_instance_id": run.get::<_, Option<Uuid>>(13) }))
+                }
+                "delay" => Some(json!({ "fires_at": available_at })),
+                _ if attempt > 1 => Some(json!({ "runs_at": available_at })),
+                _ => None,
+            };
+            events.push(step_event(run.get(7), created, detail));
+            if let Some(fired_at) = available_at {
+                let fired = match finished_at {
+                    Some(finished) => fired_at <= finished,
+                    None => state != RunState::Waiting.as_str(),
+                };
+                if fired && kind != "wait_signal" || state == RunState::TimedOut.as_str() {
+                    events.push(step_event(fired_at, "timer_fired", None));
+                }
+            }
+            if let Some(dispatched_at) = run.get(9) {
+                events.push(step_event(
+                    dispatched_at,
+                    if external {
+                        "step_locked"
+                    } else {
+                        "step_dispatched"
+                    },
+                    None,
+                ));
+            }
+            if let Some(started_at) = run.get(10) {
+                events.push(step_event(started_at, "step_started", None));
+            }
+            if let Some(finished_at) = finished_at {
+                if state != RunState::Skipped.as_str() {
+                    let name = format!("step_{state}");
+                    let detail = error.map(|error| json!({ "error": error }));
+                    events.push(step_event(finished_at, &name, detail));
+                }
+            }
+        }
+        let final_status: String = instance.get(0);
+        if let Some(completed_at) = instance.get(2) {
+            let mut end = event(completed_at, &format!("instance_{final_status}"));
+            end.detail = instance
+                .get::<_, Option<String>>(3)
+                .map(|error| json!({ "error": error }));
+            events.push(end);
+        }
+        // Stable: events at the same instant keep the order they were built in.
+        events.sort_by_key(|event| event.at);
+        events.truncate(HISTORY_EVENTS_MAX);
+        Ok(Some(events))
+    }
+
+    /// Cancels a running instance and its children.
+    pub async fn cancel_instance(
+        &self,
+        tenant: &Tenant,
+        instance_id: Uuid,
+    ) -> Result<CancelOutcome, Error> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
+        else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if instance.status != status::RUNNING {
+            return Ok(CancelOutcome::Finished(instance.status));
+        }
+        progress::cancel(&transaction, &instance).await?;
+        transaction.commit().await?;
+        Ok(CancelOutcome::Cancelled)
+    }
+
+    /// Sends a named signal (with a JSON payload) to an instance: a step
+    /// waiting for it takes it now; otherwise it is kept for the first step
+    /// that waits for it.
+    pub async fn signal(
+        &self,
+        tenant: &Tenant,
+        instance_id: Uuid,
+        name: &str,
+        payload: &Value,
+    ) -> Result<SignalOutcome, Error> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
+        else {
+            return Ok(SignalOutcome::NotFound);
+        };
+        if instance.status != status::RUNNING {
+            return Ok(SignalOutcome::Finished(instance.status));
+        }
+        let signal_id = Uuid::now_v7();
+        transaction
+            .execute(
+                "INSERT INTO signals (id, tenant_id, instance_id, name, payload) VALUES ($1, $2, $3, $4, $5)",
+                &[&signal_id, &tenant.id, &instance_id, &name, payload],
+            )
+            .await?;
+        let waiting = transaction
+            .query_opt(
+                "SELECT id FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 AND kind = 'wait_signal' \
+                 AND signal = $3 AND state = 'waiting' ORDER BY created_at LIMIT 1",
+                &[&tenant.id, &instance_id, &name],
+            )
+            .await?;
+        let outcome = match waiting {
+            Some(row) => {
+                let task_run_id: Uuid = row.get(0);
+                transaction
+                    .execute(
+                        "UPDATE signals SET consumed_by = $1 WHERE id = $2",
+                        &[&task_run_id, &signal_id],
+                    )
+                    .await?;
+                // The instance lock is ours; settle takes it again (a no-op for the same transaction).
+                progress::settle(
+                    &transaction,
+                    tenant.id,
+                    instance_id,
+                    task_run_id,
+                    &[RunState::Waiting],
+                    None,
+                    Settlement::Succeeded(payload.clone()),
+                    None,
+                )
+                .await?;
+                SignalOutcome::Delivered
+            }
+            None => SignalOutcome::Buffered,
+        };
+        transaction.commit().await?;
+        Ok(outcome)
+    }
+}
+
+/// Starts an instance inside `transaction` (see [`Store::start_instance`]).
+pub(crate) async fn start_instance_tx(
+    transaction: &Transaction<'_>,
+    tenant: &Tenant,
+    request: &StartInstance,
+    idempotency_key: Option<&str>,
+) -> Result<Started, Error> {
+    let row = transaction
+        .query_opt(
+            "SELECT id, version, spec FROM definitions \
+             WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
+             ORDER BY version DESC LIMIT 1",
+            &[&tenant.id, &request.definition, &request.version],
+        )
+        .await?
+        .ok_or_else(|| Error::DefinitionNotFound {
+            name: request.definition.clone(),
+            version: request.version,
+        })?;
+    let definition_id: Uuid = row.get(0);
+    let version: i32 = row.get(1);
+    let definition: Definition =
+        serde_json::from_value(row.get(2)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let instance_id = Uuid::now_v7();
+    let inserted = transaction
+        .execute(
+            "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
+             idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            &[
+                &instance_id,
+                &tenant.id,
+                &definition_id,
+                &definition.name,
+                &status::RUNNING,
+                &request.input,
+                &request.business_key,
+                &idempotency_key,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        let existing = transaction
+            .query_one(
+                "SELECT i.id, d.version, i.status FROM instances i JOIN definitions d ON d.id = i.definition_id \
+                 WHERE i.tenant_id = $1 AND ((i.idempotency_key = $2) \
+                 OR (i.definition_name = $3 AND i.business_key = $4)) LIMIT 1",
+                &[&tenant.id, &idempotency_key, &definition.name, &request.business_key],
+            )
+            .await?;
+        return Ok(Started {
+            id: existing.get(0),
+            definition: definition.name,
+            version: existing.get(1),
+            status: existing.get(2),
+            created: false,
+        });
+    }
+    let locked = Locked {
+        id: instance_id,
+        tenant_id: tenant.id,
+        tier: tenant.tier.clone(),
+        status: status::RUNNING.to_owned(),
+        definition,
+        input: request.input.clone(),
+        parent: None,
+        depth: 0,
+    };
+    let instance_status = progress::advance(transaction, &locked, true).await?;
+    Ok(Started {
+        id: instance_id,
+        definition: locked.definition.name,
+        version,
+        status: instance_status,
+        created: true,
+    })
+}
+
+/// Creates a child instance for a sub-workflow step; `None` when the
+/// definition does not exist. The caller advances it.
+pub(crate) async fn create_child(
+    transaction: &Transaction<'_>,
+    parent: &Locked,
+    name: &str,
+    version: Option<i32>,
+    input: &Value,
+    parent_task_run_id: Uuid,
+) -> Result<Option<Locked>, Error> {
+    let Some(row) = transaction
+        .query_opt(
+            "SELECT id, spec FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
+             ORDER BY version DESC LIMIT 1",
+            &[&parent.tenant_id, &name, &version],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let definition_id: Uuid = row.get(0);
+    let definition: Definition =
+        serde_json::from_value(row.get(1)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let child_id = Uuid::now_v7();
+    let idempotency_key = format!("child:{parent_task_run_id}");
+    transaction
+        .execute(
+            "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, idempotency_key, \
+             parent_instance_id, parent_task_run_id, depth) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &child_id,
+                &parent.tenant_id,
+                &definition_id,
+                &definition.name,
+                &status::RUNNING,
+                input,
+                &idempotency_key,
+                &parent.id,
+                &parent_task_run_id,
+                &(parent.depth + 1),
+            ],
+        )
+        .await?;
+    Ok(Some(Locked {
+        id: child_id,
+        tenant_id: parent.tenant_id,
+        tier: parent.tier.clone(),
+        status: status::RUNNING.to_owned(),
+        definition,
+        input: input.clone(),
+        parent: Some((parent.id, parent_task_run_id)),
+        depth: parent.depth + 1,
+    }))
 }

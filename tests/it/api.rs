@@ -411,9 +411,9 @@ async fn invalid_definition_lists_every_problem_with_its_step() {
     assert_eq!(
         problems,
         [
-            ("steps[0].handler".to_owned(), "fetch".to_owned()),
             ("steps[1].id".to_owned(), "fetch".to_owned()),
             ("steps[2].id".to_owned(), "bad id!".to_owned()),
+            ("steps[0].handler".to_owned(), "fetch".to_owned()),
         ],
         "{body}"
     );

@@ -99,7 +99,7 @@ async fn wardctl_drives_the_whole_path() {
     assert!(!ok);
     assert!(stderr.contains("422"), "{stderr}");
     assert!(
-        stderr.contains("steps[0].handler: a task step needs a handler"),
+        stderr.contains("steps[0].handler: a task step needs `handler`"),
         "{stderr}"
     );
 

@@ -177,7 +177,7 @@ async fn a_stale_epoch_can_write_nothing() {
         business_key: Some(business_key.into()),
     };
     store
-        .start_instance(&tenant, &start("first"))
+        .start_instance(&tenant, &start("first"), None)
         .await
         .unwrap();
 
@@ -212,7 +212,7 @@ async fn a_stale_epoch_can_write_nothing() {
 
     // From now on the old epoch writes nothing, and never reaches the broker.
     store
-        .start_instance(&tenant, &start("second"))
+        .start_instance(&tenant, &start("second"), None)
         .await
         .unwrap();
     let published = Arc::new(AtomicBool::new(false));

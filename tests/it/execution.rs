@@ -132,6 +132,9 @@ async fn redelivered_messages_execute_again_but_commit_nothing() {
         idempotency_key: row.get(6),
         input: row.get(7),
         epoch: 1,
+        kind: "task".into(),
+        timeout_ms: None,
+        http: None,
     };
     let broker = ward_broker::Broker::connect(&ward_broker::Settings {
         url: amqp_url(),

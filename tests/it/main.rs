@@ -5,6 +5,10 @@
 mod api;
 mod cli;
 mod election;
+mod examples;
 mod execution;
+mod external;
 mod sandbox;
+mod schedules;
 mod shutdown;
+mod workflow;

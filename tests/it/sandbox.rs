@@ -230,6 +230,30 @@ impl Sandbox {
         body
     }
 
+    /// Publishes a YAML definition (the text as a client sends it).
+    pub async fn publish_yaml(&self, base_url: &str, key: &str, yaml: &str) -> Value {
+        let response = self
+            .http
+            .post(format!("{base_url}/v1/definitions"))
+            .bearer_auth(key)
+            .header("content-type", "application/yaml")
+            .body(yaml.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert!(status == 201 || status == 200, "publish: {status} {body}");
+        body
+    }
+
+    /// POSTs JSON with the tenant's key; returns the status and JSON body.
+    pub async fn post(&self, url: &str, key: &str, body: &Value) -> (u16, Value) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        self.call(reqwest::Method::POST, url, Some(key), Some(&bytes))
+            .await
+    }
+
     pub async fn start_instance(&self, base_url: &str, key: &str, request: &Value) -> String {
         let body = serde_json::to_vec(request).unwrap();
         let (status, body) = self
@@ -399,12 +423,24 @@ pub async fn wait_ready(
     }
 }
 
-/// A sequential definition of `handlers`, steps named s1, s2, ...
+/// A sequential definition of `handlers`, steps named s1, s2, ..., each
+/// needing the one before; no retries.
 pub fn sequential(name: &str, handlers: &[&str]) -> Value {
     let steps: Vec<Value> = handlers
         .iter()
         .enumerate()
-        .map(|(index, handler)| json!({ "id": format!("s{}", index + 1), "kind": "task", "handler": handler }))
+        .map(|(index, handler)| {
+            let mut step = json!({
+                "id": format!("s{}", index + 1),
+                "kind": "task",
+                "handler": handler,
+                "retry": { "max_attempts": 1 },
+            });
+            if index > 0 {
+                step["needs"] = json!([format!("s{index}")]);
+            }
+            step
+        })
         .collect();
     json!({ "name": name, "steps": steps })
 }

@@ -11,9 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use ward_broker::{Broker, Delivery};
-use ward_shared::transition::Outcome;
 use ward_shared::wire::TaskMessage;
-use ward_store::{Completion, Store};
+use ward_store::{Completion, Settlement, Store};
 
 use crate::config::Config;
 use crate::handler::{Registry, Task};
@@ -31,6 +30,8 @@ pub struct Context {
     pub store: Store,
     pub metrics: Metrics,
     pub broker_connected: Arc<AtomicBool>,
+    /// Client for `http` steps.
+    pub http: reqwest::Client,
     /// Stop taking deliveries.
     pub shutdown: CancellationToken,
     /// Hand back deliveries still running.
@@ -155,8 +156,8 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
     };
     timer.observe_duration();
     let outcome_label = match outcome {
-        Outcome::Succeeded { .. } => "succeeded",
-        Outcome::Failed { .. } => "failed",
+        Settlement::Succeeded(_) => "succeeded",
+        _ => "failed",
     };
     context
         .metrics
@@ -167,7 +168,7 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
     for attempt in 1..=attempts_max {
         match context
             .store
-            .complete_task(message, &outcome, started_at)
+            .complete_task(message, outcome.clone(), started_at)
             .await
         {
             Ok(completion) => {
@@ -211,31 +212,46 @@ async fn hand_back(context: &Context, delivery: &Delivery, reason: &str) {
     }
 }
 
-/// Runs the handler with a timeout, turning panics and timeouts into failures.
-async fn execute(context: &Context, message: &TaskMessage) -> Outcome {
-    let Some(handler) = context.registry.get(&message.handler) else {
-        return Outcome::Failed {
-            error: format!(
-                "no handler `{}` is registered on this worker",
-                message.handler
-            ),
-        };
+/// Runs the step (a handler, or an HTTP call) with its timeout, turning
+/// panics and timeouts into retryable failures.
+async fn execute(context: &Context, message: &TaskMessage) -> Settlement {
+    let timeout_ms = message
+        .timeout_ms
+        .unwrap_or(context.config.handler_timeout_ms);
+    let run = match (&message.kind[..], &message.http) {
+        ("http", Some(call)) => http_call(context, message, call).boxed(),
+        _ => {
+            let Some(handler) = context.registry.get(&message.handler) else {
+                return Settlement::Failed {
+                    error: format!(
+                        "no handler `{}` is registered on this worker",
+                        message.handler
+                    ),
+                    retryable: false,
+                };
+            };
+            let task = Task {
+                tenant_id: message.tenant_id,
+                instance_id: message.instance_id,
+                task_run_id: message.task_run_id,
+                step_id: message.step_id.clone(),
+                attempt: message.attempt,
+                idempotency_key: message.idempotency_key.clone(),
+                input: message.input.clone(),
+            };
+            handler.run(task)
+        }
     };
-    let task = Task {
-        tenant_id: message.tenant_id,
-        instance_id: message.instance_id,
-        task_run_id: message.task_run_id,
-        step_id: message.step_id.clone(),
-        attempt: message.attempt,
-        idempotency_key: message.idempotency_key.clone(),
-        input: message.input.clone(),
-    };
-    let timeout_ms = context.config.handler_timeout_ms;
-    let run = AssertUnwindSafe(handler.run(task)).catch_unwind();
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
-        Ok(Ok(Ok(output))) => Outcome::Succeeded { output },
-        Ok(Ok(Err(failure))) => Outcome::Failed {
+    match tokio::time::timeout(
+        Duration::from_millis(timeout_ms),
+        AssertUnwindSafe(run).catch_unwind(),
+    )
+    .await
+    {
+        Ok(Ok(Ok(output))) => Settlement::Succeeded(output),
+        Ok(Ok(Err(failure))) => Settlement::Failed {
             error: failure.message,
+            retryable: failure.retryable,
         },
         Ok(Err(panic)) => {
             let detail = panic
@@ -243,12 +259,65 @@ async fn execute(context: &Context, message: &TaskMessage) -> Outcome {
                 .map(|text| (*text).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_owned());
-            Outcome::Failed {
+            Settlement::Failed {
                 error: format!("handler panicked: {detail}"),
+                retryable: true,
             }
         }
-        Err(_) => Outcome::Failed {
-            error: format!("handler timed out after {timeout_ms} ms"),
+        Err(_) => Settlement::Failed {
+            error: format!("timed out after {timeout_ms} ms"),
+            retryable: true,
         },
     }
+}
+
+/// Largest HTTP answer body a step keeps, in bytes.
+const HTTP_BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// Calls the URL of an `http` step with the step's input as JSON body and
+/// its idempotency key. 2xx succeeds; 408, 425, 429, 5xx and transport
+/// errors are retryable; other statuses fail the step.
+async fn http_call(
+    context: &Context,
+    message: &TaskMessage,
+    call: &ward_shared::wire::HttpCall,
+) -> Result<serde_json::Value, crate::Failure> {
+    let method = reqwest::Method::from_bytes(call.method.as_bytes())
+        .map_err(|_| crate::Failure::terminal(format!("unknown method `{}`", call.method)))?;
+    let mut request = context
+        .http
+        .request(method.clone(), &call.url)
+        .header("idempotency-key", &message.idempotency_key)
+        .header("x-ward-instance-id", message.instance_id.to_string())
+        .header("x-ward-attempt", message.attempt.to_string());
+    for (name, value) in &call.headers {
+        request = request.header(name, value);
+    }
+    if method != reqwest::Method::GET && method != reqwest::Method::DELETE {
+        request = request.json(&message.input);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|error| crate::Failure::new(format!("{} {}: {error}", call.method, call.url)))?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|error| {
+        crate::Failure::new(format!("reading the answer of {}: {error}", call.url))
+    })?;
+    let body_bytes = &bytes[..bytes.len().min(HTTP_BODY_BYTES_MAX)];
+    let body = serde_json::from_slice(body_bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(body_bytes).into_owned())
+    });
+    if status.is_success() {
+        return Ok(serde_json::json!({ "status": status.as_u16(), "body": body }));
+    }
+    let message = format!(
+        "{} {} answered {}: {}",
+        call.method,
+        call.url,
+        status.as_u16(),
+        body
+    );
+    let retryable = status.is_server_error() || [408, 425, 429].contains(&status.as_u16());
+    Err(crate::Failure { message, retryable })
 }

@@ -29,12 +29,25 @@ pub struct Task {
 #[error("{message}")]
 pub struct Failure {
     pub message: String,
+    /// Whether another attempt may succeed (the step's retry policy applies).
+    pub retryable: bool,
 }
 
 impl Failure {
+    /// A failure that another attempt may not repeat: retried under the
+    /// step's policy.
     pub fn new(message: impl Into<String>) -> Failure {
         Failure {
             message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure no retry can fix (bad input, a refusal): the step fails now.
+    pub fn terminal(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            retryable: false,
         }
     }
 }
@@ -80,7 +93,7 @@ impl Registry {
         Registry::default()
     }
 
-    /// The built-in handlers: `noop`, `echo`, `fail`, `sleep`, `vitals.score`.
+    /// The built-in handlers: `noop`, `echo`, `fail`, `notify`, `sleep`, `vitals.score`.
     pub fn builtin() -> Registry {
         Registry::new()
             .with("noop", |task: Task| async move { Ok(task.input) })
@@ -93,7 +106,17 @@ impl Registry {
                     .get("message")
                     .and_then(Value::as_str)
                     .unwrap_or("requested failure");
-                Err(Failure::new(message))
+                let retryable = task.input.get("retryable").and_then(Value::as_bool).unwrap_or(false);
+                Err(Failure { message: message.to_owned(), retryable })
+            })
+            .with("notify", |task: Task| async move {
+                let recipient = task
+                    .input
+                    .get("recipient")
+                    .and_then(Value::as_str)
+                    .unwrap_or("care team")
+                    .to_owned();
+                Ok(json!({ "notified": recipient, "about": task.input, "idempotency_key": task.idempotency_key }))
             })
             .with("sleep", |task: Task| async move {
                 let sleep_ms = task
@@ -128,7 +151,7 @@ fn vitals_score(input: &Value) -> Result<Value, Failure> {
         input
             .get(name)
             .and_then(Value::as_f64)
-            .ok_or_else(|| Failure::new(format!("input field `{name}` must be a number")))
+            .ok_or_else(|| Failure::terminal(format!("input field `{name}` must be a number")))
     };
     let heart_rate = read("heart_rate")?;
     let respiratory_rate = read("respiratory_rate")?;

@@ -78,6 +78,10 @@ impl Worker {
             store,
             metrics,
             broker_connected,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .context("build the HTTP client")?,
             shutdown: shutdown.clone(),
             hand_back: hand_back.clone(),
         }));

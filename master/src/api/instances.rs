@@ -1,0 +1,263 @@
+//! Instance endpoints: start (idempotent), show, list, history, cancel, signal.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use ward_shared::wire::{History, InstanceStarted, SignalSent, StartInstance, status};
+use ward_store::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, SignalOutcome};
+
+use super::{ApiError, AppState, Authenticated, check_name, parse_id, parse_json, reject};
+
+/// Longest `Idempotency-Key` header accepted.
+const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
+/// Default page size of `GET /v1/instances`.
+const LIST_LIMIT_DEFAULT: i64 = 50;
+
+pub async fn start(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let idempotency_key = match headers.get("idempotency-key") {
+            None => None,
+            Some(value) => {
+                let key = value.to_str().ok().filter(|key| !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX);
+                Some(key.ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        format!("the Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters"),
+                    )
+                    .field("idempotency-key")
+                })?)
+            }
+        };
+        let request: StartInstance = parse_json(body)?;
+        if request.definition.is_empty() {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "a definition name is needed")
+                .field("definition"));
+        }
+        if let Some(business_key) = &request.business_key {
+            if business_key.is_empty() || business_key.len() > IDEMPOTENCY_KEY_LEN_MAX {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    format!("a business key has 1 to {IDEMPOTENCY_KEY_LEN_MAX} characters"),
+                )
+                .field("business_key"));
+            }
+        }
+        let started = state
+            .store
+            .start_instance(&tenant, &request, idempotency_key)
+            .await
+            .map_err(ApiError::store)?;
+        if started.created {
+            state.metrics.instances_started_total.inc();
+        }
+        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, created = started.created, "instance start");
+        let code = if started.created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((
+            code,
+            Json(InstanceStarted {
+                id: started.id,
+                status: started.status,
+                definition: started.definition,
+                version: started.version,
+                created: started.created,
+            }),
+        ))
+    }
+    .await;
+    match result {
+        Ok(answer) => answer.into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        let instance_id = parse_id(&id, "id")?;
+        state
+            .store
+            .instance(&tenant, instance_id)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(|| not_found(instance_id))
+    }
+    .await;
+    match result {
+        Ok(instance) => Json(instance).into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let mut filter = ListFilter { limit: LIST_LIMIT_DEFAULT, ..ListFilter::default() };
+        for (key, value) in &query {
+            match key.as_str() {
+                "definition" => filter.definition = Some(value.clone()),
+                "business_key" => filter.business_key = Some(value.clone()),
+                "status" => {
+                    if ![status::RUNNING, status::COMPLETED, status::FAILED, status::CANCELLED].contains(&value.as_str()) {
+                        return Err(ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "invalid_field",
+                            format!("unknown status `{value}`; use running, completed, failed or cancelled"),
+                        )
+                        .field("status"));
+                    }
+                    filter.status = Some(value.clone());
+                }
+                "limit" => {
+                    filter.limit = value.parse().ok().filter(|limit| (1..=LIST_LIMIT_MAX).contains(limit)).ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "invalid_field",
+                            format!("limit must be a number from 1 to {LIST_LIMIT_MAX}"),
+                        )
+                        .field("limit")
+                    })?;
+                }
+                "cursor" => filter.before = Some(parse_id(value, "cursor")?),
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        format!("unknown query parameter `{other}`; use definition, status, business_key, limit, cursor"),
+                    )
+                    .field(other.to_owned()));
+                }
+            }
+        }
+        state.store.list_instances(&tenant, &filter).await.map_err(ApiError::store)
+    }
+    .await;
+    match result {
+        Ok(list) => Json(list).into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        let instance_id = parse_id(&id, "id")?;
+        let events = state
+            .store
+            .history(&tenant, instance_id)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(|| not_found(instance_id))?;
+        Ok(History {
+            instance_id,
+            events,
+        })
+    }
+    .await;
+    match result {
+        Ok(history) => Json(history).into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Response {
+    let result = async {
+        let instance_id = parse_id(&id, "id")?;
+        match state
+            .store
+            .cancel_instance(&tenant, instance_id)
+            .await
+            .map_err(ApiError::store)?
+        {
+            CancelOutcome::Cancelled => {
+                state.metrics.instances_cancelled_total.inc();
+                Ok(json!({ "id": instance_id, "status": status::CANCELLED }))
+            }
+            CancelOutcome::Finished(current) => Err(finished(instance_id, &current)),
+            CancelOutcome::NotFound => Err(not_found(instance_id)),
+        }
+    }
+    .await;
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+pub async fn signal(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path((id, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let instance_id = parse_id(&id, "id")?;
+        check_name(&name, "name")?;
+        let payload: Value = match &body {
+            Ok(bytes) if bytes.is_empty() => Value::Null,
+            _ => parse_json(body)?,
+        };
+        match state
+            .store
+            .signal(&tenant, instance_id, &name, &payload)
+            .await
+            .map_err(ApiError::store)?
+        {
+            SignalOutcome::Delivered => Ok(SignalSent { delivered: true }),
+            SignalOutcome::Buffered => Ok(SignalSent { delivered: false }),
+            SignalOutcome::Finished(current) => Err(finished(instance_id, &current)),
+            SignalOutcome::NotFound => Err(not_found(instance_id)),
+        }
+    }
+    .await;
+    match result {
+        Ok(sent) => {
+            state.metrics.signals_total.inc();
+            (StatusCode::ACCEPTED, Json(sent)).into_response()
+        }
+        Err(error) => reject(&state, error),
+    }
+}
+
+fn not_found(instance_id: uuid::Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "instance_not_found",
+        format!("no instance {instance_id}"),
+    )
+    .field("id")
+}
+
+fn finished(instance_id: uuid::Uuid, current: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "instance_finished",
+        format!("instance {instance_id} has already ended ({current})"),
+    )
+    .field("id")
+}

@@ -1,0 +1,63 @@
+//! The leader's timer loop: fires due durable timers (retry backoffs,
+//! delays, signal timeouts), starts due cron schedules, and returns expired
+//! external-task locks to ready. Every write is fenced by the epoch.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use ward_store::Store;
+
+use crate::config::Dispatch;
+use crate::metrics::Metrics;
+
+/// Backoff after a store failure.
+const FAILURE_DELAY_MS: u64 = 500;
+
+/// Runs until `term_over`; cancels it when the store reports this epoch fenced.
+pub async fn run(
+    store: Store,
+    metrics: Metrics,
+    settings: Dispatch,
+    epoch: i64,
+    term_over: CancellationToken,
+) {
+    let batch_len_max = settings.batch_len_max;
+    while !term_over.is_cancelled() {
+        let result = async {
+            let fired = store.fire_due_timers(epoch, batch_len_max).await?;
+            let started = store.fire_due_schedules(epoch, batch_len_max).await?;
+            let reaped = store.reap_expired_locks(epoch, batch_len_max).await?;
+            Ok::<_, ward_store::Error>((fired, started, reaped))
+        }
+        .await;
+        let pause_ms = match result {
+            Ok((fired, started, reaped)) => {
+                metrics.timers_fired_total.inc_by(fired as u64);
+                metrics.schedule_starts_total.inc_by(started as u64);
+                metrics.locks_expired_total.inc_by(reaped);
+                let busy = i64::try_from(fired.max(started)).unwrap_or(i64::MAX) >= batch_len_max;
+                if busy { 0 } else { settings.timer_poll_ms }
+            }
+            Err(ward_store::Error::Fenced {
+                epoch,
+                epoch_current,
+            }) => {
+                tracing::error!(
+                    epoch,
+                    epoch_current,
+                    "fenced: a newer leader exists; stopping timers"
+                );
+                term_over.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "timer loop failed");
+                FAILURE_DELAY_MS
+            }
+        };
+        tokio::select! {
+            () = term_over.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(pause_ms)) => {}
+        }
+    }
+}

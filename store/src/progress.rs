@@ -1,0 +1,591 @@
+//! Moves instances forward inside a transaction: records a run's result,
+//! asks the engine (`ward_shared::engine::plan`) what follows, and writes it:
+//! new runs, timers, child instances, the instance's end, and the parent's
+//! step when a child ends. Every caller holds the instance row lock.
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+use ward_shared::engine::{self, End, Run, RunState, Start, idempotency_key};
+use ward_shared::wire::status;
+use ward_shared::{Definition, StepKind};
+
+use crate::{Error, READY_CHANNEL};
+
+/// Deepest nesting of sub-workflows.
+pub const DEPTH_MAX: i32 = 8;
+
+/// What settling a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// The result was recorded; the instance now has this status.
+    Applied { instance_status: String },
+    /// The run was no longer in the expected state: a redelivery or a late
+    /// answer; nothing changed.
+    Duplicate,
+    /// No such run or instance for this tenant; nothing changed.
+    Unknown,
+}
+
+/// A run's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    Succeeded(Value),
+    Failed { error: String, retryable: bool },
+    TimedOut(String),
+}
+
+/// An instance row, locked.
+#[derive(Debug, Clone)]
+pub(crate) struct Locked {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub tier: String,
+    pub status: String,
+    pub definition: Definition,
+    pub input: Value,
+    pub parent: Option<(Uuid, Uuid)>,
+    pub depth: i32,
+}
+
+/// Locks an instance of a tenant (FOR UPDATE) with its definition.
+pub(crate) async fn lock_instance(
+    transaction: &Transaction<'_>,
+    tenant_id: Uuid,
+    instance_id: Uuid,
+) -> Result<Option<Locked>, Error> {
+    let Some(row) = transaction
+        .query_opt(
+            "SELECT i.status, d.spec, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, t.tier \
+             FROM instances i JOIN definitions d ON d.id = i.definition_id JOIN tenants t ON t.id = i.tenant_id \
+             WHERE i.tenant_id = $1 AND i.id = $2 FOR UPDATE OF i",
+            &[&tenant_id, &instance_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let definition: Definition =
+        serde_json::from_value(row.get(1)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let parent_instance: Option<Uuid> = row.get(3);
+    let parent_run: Option<Uuid> = row.get(4);
+    Ok(Some(Locked {
+        id: instance_id,
+        tenant_id,
+        tier: row.get(6),
+        status: row.get(0),
+        definition,
+        input: row.get(2),
+        parent: parent_instance.zip(parent_run),
+        depth: row.get(5),
+    }))
+}
+
+/// Records `settlement` on a run that is in one of `expected` states (and,
+/// for external tasks, locked by `lock_owner`), then advances the instance.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn settle<'a>(
+    transaction: &'a Transaction<'_>,
+    tenant_id: Uuid,
+    instance_id: Uuid,
+    task_run_id: Uuid,
+    expected: &'a [RunState],
+    lock_owner: Option<&'a str>,
+    settlement: Settlement,
+    started_at: Option<DateTime<Utc>>,
+) -> BoxFuture<'a, Result<Completion, Error>> {
+    Box::pin(async move {
+        let Some(instance) = lock_instance(transaction, tenant_id, instance_id).await? else {
+            return Ok(Completion::Unknown);
+        };
+        let (state, output, error, retryable) = match &settlement {
+            Settlement::Succeeded(output) => (RunState::Completed, Some(output), None, false),
+            Settlement::Failed { error, retryable } => {
+                (RunState::Failed, None, Some(error.as_str()), *retryable)
+            }
+            Settlement::TimedOut(error) => (RunState::TimedOut, None, Some(error.as_str()), false),
+        };
+        let expected: Vec<&str> = expected.iter().map(|state| state.as_str()).collect();
+        let updated = transaction
+            .execute(
+                "UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = $4, \
+                 started_at = coalesce($5, started_at), finished_at = now() \
+                 WHERE tenant_id = $6 AND id = $7 AND instance_id = $8 AND state = ANY($9) \
+                 AND ($10::text IS NULL OR lock_owner = $10)",
+                &[
+                    &state.as_str(),
+                    &output,
+                    &error,
+                    &retryable,
+                    &started_at,
+                    &tenant_id,
+                    &task_run_id,
+                    &instance_id,
+                    &expected,
+                    &lock_owner,
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            let exists = transaction
+                .query_opt(
+                    "SELECT 1 FROM task_runs WHERE tenant_id = $1 AND id = $2",
+                    &[&tenant_id, &task_run_id],
+                )
+                .await?
+                .is_some();
+            return Ok(if exists {
+                Completion::Duplicate
+            } else {
+                Completion::Unknown
+            });
+        }
+        if instance.status != status::RUNNING {
+            return Ok(Completion::Applied {
+                instance_status: instance.status,
+            });
+        }
+        let instance_status = advance(transaction, &instance, true).await?;
+        Ok(Completion::Applied { instance_status })
+    })
+}
+
+/// Plans and applies until nothing more happens at once; returns the
+/// instance's status. When the instance ends and `notify_parent` is set, the
+/// parent's sub-workflow step is settled too.
+pub(crate) fn advance<'a>(
+    transaction: &'a Transaction<'_>,
+    instance: &'a Locked,
+    notify_parent: bool,
+) -> BoxFuture<'a, Result<String, Error>> {
+    Box::pin(async move {
+        let rounds_max = instance.definition.steps.len() * 2 + 2;
+        for _ in 0..rounds_max {
+            let runs = load_runs(transaction, instance).await?;
+            let plan = engine::plan(
+                &instance.definition,
+                &instance.input,
+                &runs,
+                rand::random::<f64>(),
+            );
+            if let Some(end) = plan.end {
+                return finish(transaction, instance, end, notify_parent).await;
+            }
+            let mut settled_now = false;
+            let mut made_ready = false;
+            for start in &plan.starts {
+                let (now, ready) = insert_start(transaction, instance, start).await?;
+                settled_now |= now;
+                made_ready |= ready;
+            }
+            if made_ready {
+                transaction
+                    .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                    .await?;
+            }
+            if !settled_now {
+                return Ok(status::RUNNING.to_owned());
+            }
+        }
+        Ok(status::RUNNING.to_owned())
+    })
+}
+
+async fn load_runs(transaction: &Transaction<'_>, instance: &Locked) -> Result<Vec<Run>, Error> {
+    let rows = transaction
+        .query(
+            "SELECT step_id, attempt, state, input, output, error, retryable FROM task_runs \
+             WHERE tenant_id = $1 AND instance_id = $2",
+            &[&instance.tenant_id, &instance.id],
+        )
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let state: String = row.get(2);
+            Ok(Run {
+                step_id: row.get(0),
+                attempt: row.get(1),
+                state: RunState::parse(&state)
+                    .ok_or_else(|| Error::Corrupt(format!("task run state `{state}`")))?,
+                input: row.get(3),
+                output: row.get(4),
+                error: row.get(5),
+                retryable: row.get(6),
+            })
+        })
+        .collect()
+}
+
+/// Inserts the run for `start`. Returns (settled at once, made a run ready).
+async fn insert_start(
+    transaction: &Transaction<'_>,
+    instance: &Locked,
+    start: &Start,
+) -> Result<(bool, bool), Error> {
+    let step = instance
+        .definition
+        .step(&start.step_id)
+        .ok_or_else(|| Error::Corrupt(format!("plan names unknown step `{}`", start.step_id)))?;
+    let run = NewRun {
+        id: Uuid::now_v7(),
+        step_id: &step.id,
+        kind: step.kind,
+        handler: step.handler_name(),
+        attempt: start.attempt,
+        input: &start.input,
+        external: step.external,
+    };
+    if start.skipped {
+        insert_run(transaction, instance, &run, RunState::Skipped, None, None).await?;
+        return Ok((false, false));
+    }
+    match step.kind {
+        StepKind::Task | StepKind::Http => {
+            let config = json!({
+                "timeout_ms": step.timeout_ms,
+                "url": step.url,
+                "method": step.method.as_deref().unwrap_or("POST"),
+                "headers": step.headers,
+            });
+            if start.wait_ms > 0 {
+                insert_run(
+                    transaction,
+                    instance,
+                    &run,
+                    RunState::Waiting,
+                    Some(start.wait_ms),
+                    Some(&config),
+                )
+                .await?;
+                Ok((false, false))
+            } else {
+                insert_run(
+                    transaction,
+                    instance,
+                    &run,
+                    RunState::Ready,
+                    None,
+                    Some(&config),
+                )
+                .await?;
+                Ok((false, true))
+            }
+        }
+        StepKind::Delay => {
+            insert_run(
+                transaction,
+                instance,
+                &run,
+                RunState::Waiting,
+                Some(step.duration_ms.unwrap_or(0)),
+                None,
+            )
+            .await?;
+            Ok((false, false))
+        }
+        StepKind::WaitSignal => {
+            let signal = step.signal.as_deref().unwrap_or_default();
+            let buffered = transaction
+                .query_opt(
+                    "SELECT id, payload FROM signals WHERE tenant_id = $1 AND instance_id = $2 AND name = $3 \
+                     AND consumed_by IS NULL ORDER BY received_at, id LIMIT 1 FOR UPDATE",
+                    &[&instance.tenant_id, &instance.id, &signal],
+                )
+                .await?;
+            insert_run(
+                transaction,
+                instance,
+                &run,
+                RunState::Waiting,
+                step.timeout_ms,
+                None,
+            )
+            .await?;
+            transaction
+                .execute(
+                    "UPDATE task_runs SET signal = $1 WHERE id = $2",
+                    &[&signal, &run.id],
+                )
+                .await?;
+            if let Some(buffered) = buffered {
+                let signal_id: Uuid = buffered.get(0);
+                let payload: Value = buffered.get(1);
+                transaction
+                    .execute(
+                        "UPDATE signals SET consumed_by = $1 WHERE id = $2",
+                        &[&run.id, &signal_id],
+                    )
+                    .await?;
+                finish_run(
+                    transaction,
+                    run.id,
+                    RunState::Completed,
+                    Some(&payload),
+                    None,
+                )
+                .await?;
+                return Ok((true, false));
+            }
+            Ok((false, false))
+        }
+        StepKind::SubWorkflow => {
+            insert_run(transaction, instance, &run, RunState::Waiting, None, None).await?;
+            let fail = |error: String| async move {
+                finish_run(transaction, run.id, RunState::Failed, None, Some(&error))
+                    .await
+                    .map(|()| (true, false))
+            };
+            if instance.depth + 1 > DEPTH_MAX {
+                return fail(format!("sub-workflows nest deeper than {DEPTH_MAX}")).await;
+            }
+            let name = step.definition.as_deref().unwrap_or_default();
+            let Some(child) = crate::workflow::create_child(
+                transaction,
+                instance,
+                name,
+                step.version,
+                &start.input,
+                run.id,
+            )
+            .await?
+            else {
+                return fail(format!("definition `{name}` not found")).await;
+            };
+            transaction
+                .execute(
+                    "UPDATE task_runs SET child_instance_id = $1 WHERE id = $2",
+                    &[&child.id, &run.id],
+                )
+                .await?;
+            let child_status = advance(transaction, &child, false).await?;
+            match child_status.as_str() {
+                status::RUNNING => Ok((false, false)),
+                status::COMPLETED => {
+                    let output: Option<Value> = transaction
+                        .query_one("SELECT output FROM instances WHERE id = $1", &[&child.id])
+                        .await?
+                        .get(0);
+                    finish_run(
+                        transaction,
+                        run.id,
+                        RunState::Completed,
+                        Some(&output.unwrap_or(Value::Null)),
+                        None,
+                    )
+                    .await?;
+                    Ok((true, false))
+                }
+                _ => {
+                    let error: Option<String> = transaction
+                        .query_one("SELECT error FROM instances WHERE id = $1", &[&child.id])
+                        .await?
+                        .get(0);
+                    fail(format!(
+                        "child instance {} failed: {}",
+                        child.id,
+                        error.unwrap_or_default()
+                    ))
+                    .await
+                }
+            }
+        }
+    }
+}
+
+struct NewRun<'a> {
+    id: Uuid,
+    step_id: &'a str,
+    kind: StepKind,
+    handler: &'a str,
+    attempt: i32,
+    input: &'a Value,
+    external: bool,
+}
+
+async fn insert_run(
+    transaction: &Transaction<'_>,
+    instance: &Locked,
+    run: &NewRun<'_>,
+    state: RunState,
+    wait_ms: Option<u64>,
+    config: Option<&Value>,
+) -> Result<(), Error> {
+    let wait_ms = wait_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
+    let finished = state == RunState::Skipped;
+    transaction
+        .execute(
+            "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
+             idempotency_key, input, external, config, available_at, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+             CASE WHEN $14::bigint IS NULL THEN NULL ELSE now() + $14::bigint * interval '1 millisecond' END, \
+             CASE WHEN $15 THEN now() END) \
+             ON CONFLICT (idempotency_key, attempt) DO NOTHING",
+            &[
+                &run.id,
+                &instance.tenant_id,
+                &instance.id,
+                &run.step_id,
+                &run.kind.as_str(),
+                &run.handler,
+                &run.attempt,
+                &instance.tier,
+                &state.as_str(),
+                &idempotency_key(instance.id, run.step_id),
+                run.input,
+                &run.external,
+                &config,
+                &wait_ms,
+                &finished,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn finish_run(
+    transaction: &Transaction<'_>,
+    task_run_id: Uuid,
+    state: RunState,
+    output: Option<&Value>,
+    error: Option<&str>,
+) -> Result<(), Error> {
+    transaction
+        .execute(
+            "UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = false, finished_at = now() WHERE id = $4",
+            &[&state.as_str(), &output, &error, &task_run_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Ends the instance: records status and output or error, cancels its
+/// pending runs and running children, and settles the parent's step.
+pub(crate) fn finish<'a>(
+    transaction: &'a Transaction<'_>,
+    instance: &'a Locked,
+    end: End,
+    notify_parent: bool,
+) -> BoxFuture<'a, Result<String, Error>> {
+    Box::pin(async move {
+        let (new_status, output, error) = match &end {
+            End::Completed { output } => (status::COMPLETED, Some(output), None),
+            End::Failed { error } => (status::FAILED, None, Some(error.as_str())),
+        };
+        end_instance(transaction, instance, new_status, output, error).await?;
+        if notify_parent {
+            if let Some((parent_id, parent_run_id)) = instance.parent {
+                let settlement = match end {
+                    End::Completed { output } => Settlement::Succeeded(output),
+                    End::Failed { error } => Settlement::Failed {
+                        error: format!("child instance {} failed: {error}", instance.id),
+                        retryable: false,
+                    },
+                };
+                settle(
+                    transaction,
+                    instance.tenant_id,
+                    parent_id,
+                    parent_run_id,
+                    &[RunState::Waiting],
+                    None,
+                    settlement,
+                    None,
+                )
+                .await?;
+            }
+        }
+        Ok(new_status.to_owned())
+    })
+}
+
+/// Cancels a running instance: pending runs and running children are
+/// cancelled; a parent's sub-workflow step fails.
+pub(crate) fn cancel<'a>(
+    transaction: &'a Transaction<'_>,
+    instance: &'a Locked,
+) -> BoxFuture<'a, Result<(), Error>> {
+    Box::pin(async move {
+        end_instance(
+            transaction,
+            instance,
+            status::CANCELLED,
+            None,
+            Some("cancelled"),
+        )
+        .await?;
+        if let Some((parent_id, parent_run_id)) = instance.parent {
+            let settlement = Settlement::Failed {
+                error: format!("child instance {} was cancelled", instance.id),
+                retryable: false,
+            };
+            settle(
+                transaction,
+                instance.tenant_id,
+                parent_id,
+                parent_run_id,
+                &[RunState::Waiting],
+                None,
+                settlement,
+                None,
+            )
+            .await?;
+        }
+        Ok(())
+    })
+}
+
+async fn end_instance(
+    transaction: &Transaction<'_>,
+    instance: &Locked,
+    new_status: &str,
+    output: Option<&Value>,
+    error: Option<&str>,
+) -> Result<(), Error> {
+    transaction
+        .execute(
+            "UPDATE instances SET status = $1, output = $2, error = $3, updated_at = now(), completed_at = now() \
+             WHERE tenant_id = $4 AND id = $5",
+            &[&new_status, &output, &error, &instance.tenant_id, &instance.id],
+        )
+        .await?;
+    transaction
+        .execute(
+            "UPDATE task_runs SET state = 'cancelled', finished_at = now() \
+             WHERE tenant_id = $1 AND instance_id = $2 AND state IN ('ready', 'waiting', 'locked')",
+            &[&instance.tenant_id, &instance.id],
+        )
+        .await?;
+    let children = transaction
+        .query(
+            "SELECT id FROM instances WHERE tenant_id = $1 AND parent_instance_id = $2 AND status = 'running'",
+            &[&instance.tenant_id, &instance.id],
+        )
+        .await?;
+    for child in children {
+        let child_id: Uuid = child.get(0);
+        if let Some(mut child) = lock_instance(transaction, instance.tenant_id, child_id).await? {
+            // The parent is ending: the child must not settle it again.
+            child.parent = None;
+            end_instance_boxed(transaction, &child).await?;
+        }
+    }
+    Ok(())
+}
+
+fn end_instance_boxed<'a>(
+    transaction: &'a Transaction<'_>,
+    child: &'a Locked,
+) -> BoxFuture<'a, Result<(), Error>> {
+    Box::pin(async move {
+        end_instance(
+            transaction,
+            child,
+            status::CANCELLED,
+            None,
+            Some("parent instance ended"),
+        )
+        .await
+    })
+}

@@ -1,0 +1,176 @@
+//! Settling task runs from outside the engine: a worker's result for a
+//! dispatched message, and the external-task API (fetch-and-lock, complete,
+//! fail, extend-lock).
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+use ward_shared::engine::RunState;
+use ward_shared::wire::{LockedTask, TaskMessage};
+
+use crate::progress::{self, Completion, Settlement};
+use crate::{Error, Store, Tenant};
+
+/// Most tasks one fetch-and-lock may lock.
+pub const FETCH_TASKS_MAX: u32 = 100;
+/// Longest lock an external worker may hold at once (1 hour).
+pub const LOCK_MS_MAX: u64 = 3_600_000;
+
+/// What an external worker's call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalOutcome {
+    Applied,
+    /// The task is not locked by this worker (its lock expired, or another
+    /// worker holds it, or it already ended); nothing changed.
+    NotLocked {
+        state: String,
+    },
+    NotFound,
+}
+
+impl Store {
+    /// Records a worker's result for the run in `message` and applies what
+    /// follows, in ONE transaction. Safe to call again with the same message,
+    /// including after a COMMIT whose result is unknown: it answers `Duplicate`.
+    pub async fn complete_task(
+        &self,
+        message: &TaskMessage,
+        settlement: Settlement,
+        started_at: DateTime<Utc>,
+    ) -> Result<Completion, Error> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let completion = progress::settle(
+            &transaction,
+            message.tenant_id,
+            message.instance_id,
+            message.task_run_id,
+            &[RunState::Ready, RunState::Dispatched],
+            None,
+            settlement,
+            Some(started_at),
+        )
+        .await?;
+        if matches!(completion, Completion::Applied { .. }) {
+            transaction.commit().await?;
+        }
+        Ok(completion)
+    }
+
+    /// Locks up to `max_tasks` ready external tasks of `handlers` for
+    /// `worker_id` until `lock_ms` from now.
+    pub async fn fetch_and_lock(
+        &self,
+        tenant: &Tenant,
+        worker_id: &str,
+        handlers: &[String],
+        max_tasks: u32,
+        lock_ms: u64,
+    ) -> Result<Vec<LockedTask>, Error> {
+        let client = self.pool.get().await?;
+        let limit = i64::from(max_tasks.clamp(1, FETCH_TASKS_MAX));
+        let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "UPDATE task_runs SET state = 'locked', lock_owner = $1, \
+                 locked_until = now() + $2::bigint * interval '1 millisecond', dispatched_at = now() \
+                 WHERE id IN (SELECT id FROM task_runs WHERE tenant_id = $3 AND state = 'ready' AND external \
+                 AND handler = ANY($4) ORDER BY created_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, instance_id, step_id, handler, attempt, idempotency_key, input, locked_until",
+                &[&worker_id, &lock_ms, &tenant.id, &handlers, &limit],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| LockedTask {
+                task_run_id: row.get(0),
+                instance_id: row.get(1),
+                step_id: row.get(2),
+                handler: row.get(3),
+                attempt: row.get(4),
+                idempotency_key: row.get(5),
+                input: row.get(6),
+                locked_until: row.get(7),
+            })
+            .collect())
+    }
+
+    /// Completes or fails an external task locked by `worker_id`.
+    pub async fn settle_external(
+        &self,
+        tenant: &Tenant,
+        task_run_id: Uuid,
+        worker_id: &str,
+        settlement: Settlement,
+    ) -> Result<ExternalOutcome, Error> {
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let Some(row) = transaction
+            .query_opt(
+                "SELECT instance_id, dispatched_at FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
+                &[&tenant.id, &task_run_id],
+            )
+            .await?
+        else {
+            return Ok(ExternalOutcome::NotFound);
+        };
+        let instance_id: Uuid = row.get(0);
+        let locked_at: Option<DateTime<Utc>> = row.get(1);
+        let completion = progress::settle(
+            &transaction,
+            tenant.id,
+            instance_id,
+            task_run_id,
+            &[RunState::Locked],
+            Some(worker_id),
+            settlement,
+            locked_at,
+        )
+        .await?;
+        match completion {
+            Completion::Applied { .. } => {
+                transaction.commit().await?;
+                Ok(ExternalOutcome::Applied)
+            }
+            Completion::Duplicate => {
+                let state: String = transaction
+                    .query_one("SELECT state FROM task_runs WHERE id = $1", &[&task_run_id])
+                    .await?
+                    .get(0);
+                Ok(ExternalOutcome::NotLocked { state })
+            }
+            Completion::Unknown => Ok(ExternalOutcome::NotFound),
+        }
+    }
+
+    /// Extends the lock `worker_id` holds on an external task.
+    pub async fn extend_lock(
+        &self,
+        tenant: &Tenant,
+        task_run_id: Uuid,
+        worker_id: &str,
+        lock_ms: u64,
+    ) -> Result<ExternalOutcome, Error> {
+        let client = self.pool.get().await?;
+        let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
+        let extended = client
+            .execute(
+                "UPDATE task_runs SET locked_until = now() + $1::bigint * interval '1 millisecond' \
+                 WHERE tenant_id = $2 AND id = $3 AND external AND state = 'locked' AND lock_owner = $4",
+                &[&lock_ms, &tenant.id, &task_run_id, &worker_id],
+            )
+            .await?;
+        if extended == 1 {
+            return Ok(ExternalOutcome::Applied);
+        }
+        let row = client
+            .query_opt(
+                "SELECT state FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
+                &[&tenant.id, &task_run_id],
+            )
+            .await?;
+        Ok(match row {
+            Some(row) => ExternalOutcome::NotLocked { state: row.get(0) },
+            None => ExternalOutcome::NotFound,
+        })
+    }
+}
