@@ -135,6 +135,7 @@ pub fn store_settings(config: &Config) -> ward_store::Settings {
         schema: config.database.schema.clone(),
         pool_size_max: config.database.pool_size_max,
         pool_wait_ms: config.database.wait_ms,
+        app_role: config.database.app_role.clone(),
     }
 }
 

@@ -13,6 +13,9 @@ pub struct Database {
     pub pool_size_max: usize,
     /// Bound on connecting and on waiting for a pooled connection.
     pub wait_ms: u64,
+    /// Role the pool assumes so row-level security applies (see
+    /// ARCHITECTURE.md); created and granted by the migration runner.
+    pub app_role: String,
 }
 
 impl Default for Database {
@@ -22,6 +25,7 @@ impl Default for Database {
             schema: "public".into(),
             pool_size_max: 16,
             wait_ms: 5_000,
+            app_role: "ward_app".into(),
         }
     }
 }

@@ -11,7 +11,7 @@ use ward_shared::schedule::Cron;
 use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
 use crate::progress::{self, Settlement};
-use crate::{Error, READY_CHANNEL, Store, Tenant};
+use crate::{Error, READY_CHANNEL, Scope, Store, Tenant, scoped};
 
 /// A ready task claimed for dispatch, with the tier queue it goes to.
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ impl Store {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let rows = transaction
             .query(
@@ -133,7 +133,8 @@ impl Store {
 
     /// Number of ready tasks per tier (the backlog kept in Postgres).
     pub async fn ready_backlog(&self) -> Result<Vec<(String, i64)>, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::System).await?;
         let rows = client
             .query(
                 "SELECT tier, count(*) FROM task_runs WHERE state = 'ready' AND NOT external GROUP BY tier",
@@ -151,7 +152,8 @@ impl Store {
     /// a signal wait times out. Returns how many fired.
     pub async fn fire_due_timers(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
         let due = {
-            let client = self.pool.get().await?;
+            let mut client = self.pool.get().await?;
+            let client = scoped(&mut client, Scope::System).await?;
             client
                 .query(
                     "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'waiting' \
@@ -165,7 +167,7 @@ impl Store {
             let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
                 (row.get(0), row.get(1), row.get(2));
             let mut client = self.pool.get().await?;
-            let transaction = client.transaction().await?;
+            let transaction = scoped(&mut client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             // Instance first, then the run: the order every writer uses.
             if progress::lock_instance(&transaction, tenant_id, instance_id)
@@ -239,7 +241,7 @@ impl Store {
     /// the epoch check. Returns how many.
     pub async fn reap_expired_locks(&self, epoch: i64, batch_len_max: i64) -> Result<u64, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let reaped = transaction
             .execute(
@@ -264,7 +266,8 @@ impl Store {
     /// one. Returns how many instances started.
     pub async fn fire_due_schedules(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
         let due: Vec<Uuid> = {
-            let client = self.pool.get().await?;
+            let mut client = self.pool.get().await?;
+            let client = scoped(&mut client, Scope::System).await?;
             client
                 .query(
                     "SELECT id FROM schedules WHERE enabled AND next_fire_at <= now() ORDER BY next_fire_at LIMIT $1",
@@ -278,7 +281,7 @@ impl Store {
         let mut started = 0;
         for schedule_id in due {
             let mut client = self.pool.get().await?;
-            let transaction = client.transaction().await?;
+            let transaction = scoped(&mut client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let Some(row) = transaction
                 .query_opt(

@@ -70,6 +70,42 @@ pub struct Settings {
     pub pool_size_max: usize,
     /// Bound on waiting for a pooled connection.
     pub pool_wait_ms: u64,
+    /// Role every pooled connection assumes (`SET ROLE`): not the tables'
+    /// owner, not a superuser, without BYPASSRLS, so row-level security
+    /// binds it. Empty: stay the connecting user (not for production).
+    pub app_role: String,
+}
+
+/// The application role the migration runner creates and grants.
+pub const APP_ROLE_DEFAULT: &str = "ward_app";
+
+/// Whose rows a transaction may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// One tenant's rows (every request of a tenant).
+    Tenant(uuid::Uuid),
+    /// Every tenant's rows (the leader's loops, admin, key lookup).
+    System,
+}
+
+/// Begins a transaction and sets its scope with `set_config(..., true)`, so
+/// the setting ends with the transaction and never leaks through the pool.
+pub(crate) async fn scoped(
+    client: &mut deadpool_postgres::Object,
+    scope: Scope,
+) -> Result<deadpool_postgres::Transaction<'_>, Error> {
+    let transaction = client.transaction().await?;
+    let (tenant, system) = match scope {
+        Scope::Tenant(tenant_id) => (tenant_id.to_string(), ""),
+        Scope::System => (String::new(), "on"),
+    };
+    transaction
+        .execute(
+            "SELECT set_config('ward.tenant_id', $1, true), set_config('ward.system', $2, true)",
+            &[&tenant, &system],
+        )
+        .await?;
+    Ok(transaction)
 }
 
 /// A handle on the store; cheap to clone.
@@ -98,7 +134,21 @@ impl Store {
             },
         );
         let timeout = Some(std::time::Duration::from_millis(settings.pool_wait_ms));
+        let set_role = (!settings.app_role.is_empty())
+            .then(|| format!("SET ROLE {}", quote_ident(&settings.app_role)));
         let pool = Pool::builder(manager)
+            .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                let set_role = set_role.clone();
+                Box::pin(async move {
+                    if let Some(set_role) = set_role {
+                        client
+                            .batch_execute(&set_role)
+                            .await
+                            .map_err(deadpool_postgres::HookError::Backend)?;
+                    }
+                    Ok(())
+                })
+            }))
             .max_size(settings.pool_size_max)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(timeout)
@@ -149,12 +199,50 @@ pub async fn migrate(settings: &Settings) -> Result<(), Error> {
         .batch_execute("SELECT pg_advisory_lock(hashtext(current_schema()))")
         .await?;
     let result = embedded::migrations::runner().run_async(&mut client).await;
+    let granted = if result.is_ok() && !settings.app_role.is_empty() {
+        grant_app_role(&client, &settings.schema, &settings.app_role).await
+    } else {
+        Ok(())
+    };
     client
         .batch_execute("SELECT pg_advisory_unlock(hashtext(current_schema()))")
         .await?;
     drop(client);
     connection_task.abort();
     result?;
+    granted?;
+    Ok(())
+}
+
+/// Creates the application role if missing (no login, no BYPASSRLS) and
+/// grants it the schema's tables and functions. Serialized across schemas:
+/// concurrent GRANTs on one role can collide in the catalog.
+async fn grant_app_role(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    role: &str,
+) -> Result<(), Error> {
+    let role_ident = quote_ident(role);
+    let role_literal = role.replace('\'', "''");
+    let schema = quote_ident(schema);
+    client
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock(7274839);
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role_literal}') THEN
+                 CREATE ROLE {role_ident} NOLOGIN NOSUPERUSER NOBYPASSRLS;
+               END IF;
+               IF NOT pg_has_role(current_user, '{role_literal}', 'MEMBER') THEN
+                 EXECUTE format('GRANT %I TO %I', '{role_literal}', current_user);
+               END IF;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+             END $$;
+             GRANT USAGE ON SCHEMA {schema} TO {role_ident};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role_ident};
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role_ident};
+             SELECT pg_advisory_unlock(7274839);"
+        ))
+        .await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use ward_shared::engine::RunState;
 use ward_shared::wire::{LockedTask, TaskMessage};
 
 use crate::progress::{self, Completion, Settlement};
-use crate::{Error, Store, Tenant};
+use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most tasks one fetch-and-lock may lock.
 pub const FETCH_TASKS_MAX: u32 = 100;
@@ -38,7 +38,7 @@ impl Store {
         started_at: DateTime<Utc>,
     ) -> Result<Completion, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(message.tenant_id)).await?;
         let completion = progress::settle(
             &transaction,
             message.tenant_id,
@@ -66,7 +66,8 @@ impl Store {
         max_tasks: u32,
         lock_ms: u64,
     ) -> Result<Vec<LockedTask>, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let limit = i64::from(max_tasks.clamp(1, FETCH_TASKS_MAX));
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let rows = client
@@ -79,6 +80,7 @@ impl Store {
                 &[&worker_id, &lock_ms, &tenant.id, &handlers, &limit],
             )
             .await?;
+        client.commit().await?;
         Ok(rows
             .into_iter()
             .map(|row| LockedTask {
@@ -103,7 +105,7 @@ impl Store {
         settlement: Settlement,
     ) -> Result<ExternalOutcome, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(row) = transaction
             .query_opt(
                 "SELECT instance_id, dispatched_at FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
@@ -150,7 +152,8 @@ impl Store {
         worker_id: &str,
         lock_ms: u64,
     ) -> Result<ExternalOutcome, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let extended = client
             .execute(
@@ -160,6 +163,7 @@ impl Store {
             )
             .await?;
         if extended == 1 {
+            client.commit().await?;
             return Ok(ExternalOutcome::Applied);
         }
         let row = client

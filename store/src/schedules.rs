@@ -5,7 +5,7 @@ use uuid::Uuid;
 use ward_shared::schedule::Cron;
 use ward_shared::wire::{ScheduleSpec, ScheduleView};
 
-use crate::{Error, Store, Tenant};
+use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most schedules one tenant may hold.
 pub const SCHEDULES_PER_TENANT_MAX: i64 = 1_000;
@@ -24,7 +24,7 @@ impl Store {
             message: "the expression never fires".into(),
         })?;
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let count: i64 = transaction
             .query_one(
                 "SELECT count(*) FROM schedules WHERE tenant_id = $1 AND name <> $2",
@@ -73,7 +73,8 @@ impl Store {
 
     /// A tenant's schedules by name.
     pub async fn schedules(&self, tenant: &Tenant) -> Result<Vec<ScheduleView>, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let rows = client
             .query(
                 "SELECT name, definition, version, cron, input, enabled, next_fire_at, last_fire_at, last_error \
@@ -99,13 +100,15 @@ impl Store {
 
     /// Deletes a schedule; false when there was none by that name.
     pub async fn delete_schedule(&self, tenant: &Tenant, name: &str) -> Result<bool, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let deleted = client
             .execute(
                 "DELETE FROM schedules WHERE tenant_id = $1 AND name = $2",
                 &[&tenant.id, &name],
             )
             .await?;
+        client.commit().await?;
         Ok(deleted == 1)
     }
 }

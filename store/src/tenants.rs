@@ -4,7 +4,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::{Error, Store};
+use crate::{Error, Scope, Store, scoped};
 
 /// A tenant as request handling needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ impl Store {
     /// Creates a tenant and its first API key; only the key's hash is stored.
     pub async fn create_tenant(&self, slug: &str, tier: &str) -> Result<TenantWithKey, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::System).await?;
         let tenant_id = Uuid::now_v7();
         let inserted = transaction
             .execute(
@@ -56,7 +56,8 @@ impl Store {
 
     /// The active tenant owning an unrevoked key, if any.
     pub async fn tenant_for_key(&self, api_key: &str) -> Result<Option<Tenant>, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::System).await?;
         let row = client
             .query_opt(
                 "SELECT t.id, t.slug, t.tier FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \

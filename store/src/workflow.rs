@@ -12,7 +12,7 @@ use ward_shared::wire::{
 };
 
 use crate::progress::{self, Locked, Settlement};
-use crate::{Error, Store, Tenant};
+use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most instances one list page returns.
 pub const LIST_LIMIT_MAX: i64 = 200;
@@ -80,7 +80,7 @@ impl Store {
         let spec =
             serde_json::to_value(definition).map_err(|error| Error::Corrupt(error.to_string()))?;
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         transaction
             .execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1::text || '/' || $2))",
@@ -127,7 +127,8 @@ impl Store {
         name: &str,
         version: Option<i32>,
     ) -> Result<bool, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let row = client
             .query_opt(
                 "SELECT 1 FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) LIMIT 1",
@@ -148,7 +149,7 @@ impl Store {
         idempotency_key: Option<&str>,
     ) -> Result<Started, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let started = start_instance_tx(&transaction, tenant, request, idempotency_key).await?;
         transaction.commit().await?;
         Ok(started)
@@ -161,12 +162,7 @@ impl Store {
         instance_id: Uuid,
     ) -> Result<Option<InstanceView>, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client
-            .build_transaction()
-            .read_only(true)
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .start()
-            .await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(row) = transaction
             .query_opt(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
@@ -232,7 +228,8 @@ impl Store {
         tenant: &Tenant,
         filter: &ListFilter,
     ) -> Result<InstanceList, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
         let rows = client
             .query(
@@ -275,7 +272,8 @@ impl Store {
         tenant: &Tenant,
         instance_id: Uuid,
     ) -> Result<Option<Vec<HistoryEvent>>, Error> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = client
             .query_opt(
                 "SELECT status, created_at, completed_at, error FROM instances WHERE tenant_id = $1 AND id = $2",
@@ -406,7 +404,7 @@ impl Store {
         instance_id: Uuid,
     ) -> Result<CancelOutcome, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
         else {
             return Ok(CancelOutcome::NotFound);
@@ -430,7 +428,7 @@ impl Store {
         payload: &Value,
     ) -> Result<SignalOutcome, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
         else {
             return Ok(SignalOutcome::NotFound);

@@ -156,6 +156,7 @@ async fn a_stale_epoch_can_write_nothing() {
         schema: sandbox.schema(),
         pool_size_max: 4,
         pool_wait_ms: 5_000,
+        app_role: ward_store::APP_ROLE_DEFAULT.into(),
     };
     ward_store::migrate(&settings).await.unwrap();
     let store = ward_store::Store::connect(&settings).unwrap();

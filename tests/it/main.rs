@@ -8,6 +8,7 @@ mod election;
 mod examples;
 mod execution;
 mod external;
+mod isolation;
 mod sandbox;
 mod schedules;
 mod shutdown;

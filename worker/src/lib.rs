@@ -46,6 +46,7 @@ impl Worker {
             schema: config.database.schema.clone(),
             pool_size_max: config.database.pool_size_max,
             pool_wait_ms: config.database.wait_ms,
+            app_role: config.database.app_role.clone(),
         })
         .context("connect store")?;
         let metrics = metrics::Metrics::new();
