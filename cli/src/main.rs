@@ -46,6 +46,25 @@ enum Command {
     /// Manage cron schedules that start instances.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Apply a file of tiers and tenants (admin token): creates what is
+    /// missing, updates what differs; idempotent.
+    Apply {
+        /// YAML (or JSON) file with `tiers:` and `tenants:`.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Where to write the API keys of created tenants (CSV: slug,api_key);
+        /// printed to standard output when not given.
+        #[arg(long)]
+        keys_file: Option<PathBuf>,
+        /// Tenants per request.
+        #[arg(long, default_value_t = 500)]
+        batch_len: usize,
+    },
+    /// Show the tenant's quotas and current usage.
+    Usage,
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +282,27 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 tokio::time::sleep(Duration::from_millis(WAIT_POLL_MS)).await;
             }
         }
+        Command::Apply {
+            file,
+            dry_run,
+            keys_file,
+            batch_len,
+        } => {
+            let token = args
+                .admin_token
+                .clone()
+                .context("the admin token is needed: --admin-token or WARD_ADMIN_TOKEN")?;
+            apply(
+                &client,
+                &token,
+                &file,
+                dry_run,
+                keys_file.as_deref(),
+                batch_len,
+            )
+            .await
+        }
+        Command::Usage => client.get(&tenant_key()?, "/v1/usage").await,
         Command::Instance(InstanceCommand::Show { id }) => {
             client
                 .get(&tenant_key()?, &format!("/v1/instances/{id}"))
@@ -342,6 +382,144 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 .await
         }
     }
+}
+
+/// The file `wardctl apply` reads.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyFile {
+    #[serde(default)]
+    tiers: Vec<ward_shared::wire::TierSpec>,
+    #[serde(default)]
+    tenants: Vec<ward_shared::wire::TenantSpec>,
+}
+
+/// Applies the file in batches with a progress bar; returns the summed report.
+async fn apply(
+    client: &Client,
+    token: &str,
+    file: &std::path::Path,
+    dry_run: bool,
+    keys_file: Option<&std::path::Path>,
+    batch_len: usize,
+) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let spec: ApplyFile =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    let started = Instant::now();
+    let progress = indicatif::ProgressBar::new(spec.tenants.len() as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} applying tenants [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut total = ward_shared::wire::ApplyReport::default();
+    let batch_len = batch_len.clamp(1, 1_000);
+    let batches: Vec<&[ward_shared::wire::TenantSpec]> = if spec.tenants.is_empty() {
+        vec![&[]]
+    } else {
+        spec.tenants.chunks(batch_len).collect()
+    };
+    for (index, batch) in batches.into_iter().enumerate() {
+        // Tiers go with every batch (a dry run rolls each batch back, and
+        // later batches may name a new tier); they are counted once.
+        let body = serde_json::json!({ "tiers": spec.tiers, "tenants": batch, "dry_run": dry_run });
+        let answer = client
+            .post(token, "/v1/admin/apply", body)
+            .await
+            .map_err(|error| {
+                let first = index * batch_len;
+                error.context(format!(
+                    "tenants {first}..{} (earlier batches are applied; re-run to continue)",
+                    first + batch.len()
+                ))
+            })?;
+        let report: ward_shared::wire::ApplyReport =
+            serde_json::from_value(answer).context("apply answer")?;
+        if index == 0 {
+            total.tiers_created.extend(report.tiers_created);
+            total.tiers_updated.extend(report.tiers_updated);
+        }
+        total.tenants_created.extend(report.tenants_created);
+        total.tenants_updated.extend(report.tenants_updated);
+        total.tenants_unchanged += report.tenants_unchanged;
+        total.keys.extend(report.keys);
+        progress.inc(batch.len() as u64);
+    }
+    progress.finish_and_clear();
+    let mut diff = String::new();
+    for tier in &total.tiers_created {
+        diff.push_str(&format!("+ tier {tier}\n"));
+    }
+    for tier in &total.tiers_updated {
+        diff.push_str(&format!("~ tier {tier}\n"));
+    }
+    for slug in &total.tenants_created {
+        diff.push_str(&format!("+ tenant {slug}\n"));
+    }
+    for slug in &total.tenants_updated {
+        diff.push_str(&format!("~ tenant {slug}\n"));
+    }
+    if dry_run {
+        eprint!("{diff}");
+    }
+    eprintln!(
+        "{}tiers: {} created, {} updated; tenants: {} created, {} updated, {} unchanged; {:.1} s",
+        if dry_run {
+            "dry run, nothing changed: "
+        } else {
+            ""
+        },
+        total.tiers_created.len(),
+        total.tiers_updated.len(),
+        total.tenants_created.len(),
+        total.tenants_updated.len(),
+        total.tenants_unchanged,
+        started.elapsed().as_secs_f64()
+    );
+    let mut keys_csv = String::new();
+    for (slug, key) in &total.keys {
+        keys_csv.push_str(&format!("{slug},{key}\n"));
+    }
+    let mut summary = serde_json::json!({
+        "dry_run": dry_run,
+        "tiers_created": total.tiers_created.len(),
+        "tiers_updated": total.tiers_updated.len(),
+        "tenants_created": total.tenants_created.len(),
+        "tenants_updated": total.tenants_updated.len(),
+        "tenants_unchanged": total.tenants_unchanged,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    match keys_file {
+        Some(path) if !keys_csv.is_empty() => {
+            write_private(path, &keys_csv)?;
+            summary["keys_file"] = path.display().to_string().into();
+        }
+        _ => {
+            summary["keys"] = total
+                .keys
+                .iter()
+                .map(|(slug, key)| serde_json::json!({ "slug": slug, "api_key": key }))
+                .collect();
+        }
+    }
+    Ok(summary)
+}
+
+/// Writes a file only its owner can read (API keys).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Prints to stderr how long the instance took, from its own timestamps.

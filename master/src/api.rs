@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use uuid::Uuid;
-use ward_shared::wire::{CreateTenant, DefinitionPublished, ErrorBody, ErrorDetail, TenantCreated};
+use ward_shared::wire::{DefinitionPublished, ErrorBody, ErrorDetail};
 use ward_shared::{Definition, Problem};
 use ward_store::{Store, Tenant};
 
@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 mod external;
 mod instances;
 mod schedules;
+mod tenancy;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -41,7 +42,25 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let payload_bytes_max = state.config.payload_bytes_max;
     Router::new()
-        .route("/v1/admin/tenants", post(create_tenant))
+        .route(
+            "/v1/admin/tenants",
+            post(tenancy::create).get(tenancy::list),
+        )
+        .route(
+            "/v1/admin/tenants/{slug}",
+            get(tenancy::show).patch(tenancy::update),
+        )
+        .route(
+            "/v1/admin/tenants/{slug}/keys",
+            post(tenancy::create_key).get(tenancy::keys),
+        )
+        .route(
+            "/v1/admin/tenants/{slug}/keys/{key_id}",
+            axum::routing::delete(tenancy::revoke_key),
+        )
+        .route("/v1/admin/tiers", get(tenancy::tiers))
+        .route("/v1/admin/apply", post(tenancy::apply))
+        .route("/v1/usage", get(tenancy::usage))
         .route("/v1/definitions", post(publish_definition))
         .route("/v1/instances", post(instances::start).get(instances::list))
         .route("/v1/instances/{id}", get(instances::show))
@@ -319,7 +338,7 @@ pub(crate) fn check_name(value: &str, field: &str) -> Result<(), ApiError> {
     }
 }
 
-fn check_slug(value: &str, field: &str) -> Result<(), ApiError> {
+pub(crate) fn check_slug(value: &str, field: &str) -> Result<(), ApiError> {
     let valid = !value.is_empty()
         && value.len() <= 64
         && value
@@ -335,44 +354,6 @@ fn check_slug(value: &str, field: &str) -> Result<(), ApiError> {
         )
         .field(field))
     }
-}
-
-async fn create_tenant(
-    State(state): State<AppState>,
-    _admin: Admin,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<TenantCreated>), Response> {
-    let result = async {
-        let request: CreateTenant = parse_json(body)?;
-        check_slug(&request.slug, "slug")?;
-        if !state.config.tiers.contains(&request.tier) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                format!(
-                    "unknown tier `{}`; known tiers: {}",
-                    request.tier,
-                    state.config.tiers.join(", ")
-                ),
-            )
-            .field("tier"));
-        }
-        let created = state
-            .store
-            .create_tenant(&request.slug, &request.tier)
-            .await
-            .map_err(ApiError::store)?;
-        Ok(TenantCreated {
-            id: created.tenant.id,
-            slug: created.tenant.slug,
-            tier: created.tenant.tier,
-            api_key: created.api_key,
-        })
-    }
-    .await;
-    result
-        .map(|created| (StatusCode::CREATED, Json(created)))
-        .map_err(|error| reject(&state, error))
 }
 
 async fn publish_definition(

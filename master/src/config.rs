@@ -52,6 +52,9 @@ pub struct Dispatch {
     pub poll_ms: u64,
     /// How often the leader looks for due timers, schedules and expired locks.
     pub timer_poll_ms: u64,
+    /// Most tasks dispatched and not yet settled, over all tiers: about the
+    /// workers' capacity, so the backlog stays in Postgres where fairness acts.
+    pub window_max: i64,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Dispatch {
             batch_len_max: 256,
             poll_ms: 250,
             timer_poll_ms: 100,
+            window_max: 512,
         }
     }
 }

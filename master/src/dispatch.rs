@@ -1,21 +1,41 @@
 //! The leader's dispatcher: moves ready tasks from Postgres to the tier
-//! queues in bounded batches, woken by LISTEN/NOTIFY or a poll interval.
+//! queues, fairly across tenants (see `fairness.rs`) and within a bounded
+//! window of in-flight tasks, woken by LISTEN/NOTIFY or a poll interval.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 use ward_broker::Broker;
-use ward_store::{Listener, Store};
+use ward_store::{ActiveTenant, Listener, Store, TierSpec};
 
 use crate::config::Config;
+use crate::fairness::{self, Ledger};
 use crate::metrics::Metrics;
 
 /// How often the leader refreshes the backlog gauge.
 const BACKLOG_REFRESH_MS: u64 = 5_000;
+/// How often the active-tenant sets are rebuilt from Postgres.
+const ACTIVE_REFRESH_MS: u64 = 1_000;
+/// Shortest interval between rebuilds forced by a newly active tenant.
+const ACTIVE_REFRESH_MS_MIN: u64 = 20;
+/// Most active tenants tracked per tier.
+const ACTIVE_TENANTS_MAX: i64 = 100_000;
+/// Bound on buffered notification payloads.
+const PAYLOADS_MAX: usize = 4_096;
 /// Backoff after a broker or store failure.
 const FAILURE_DELAY_MS: u64 = 500;
+
+/// The dispatcher's view of who has work.
+struct Active {
+    tiers: Vec<TierSpec>,
+    by_tier: HashMap<String, Vec<ActiveTenant>>,
+    known: HashSet<Uuid>,
+    refreshed_at: Option<Instant>,
+}
 
 /// Dispatches until `term_over` is cancelled; cancels it itself when the
 /// store reports this epoch fenced.
@@ -29,59 +49,69 @@ pub async fn run(
     let db_settings = crate::store_settings(&config);
     let broker_settings = crate::broker_settings(&config);
     let wake = Arc::new(Notify::new());
+    let (payload_tx, mut payloads) = mpsc::channel::<String>(PAYLOADS_MAX);
     let mut listener: Option<Listener> = None;
     let mut broker: Option<Broker> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
-    let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
+    let mut active = Active {
+        tiers: Vec::new(),
+        by_tier: HashMap::new(),
+        known: HashSet::new(),
+        refreshed_at: None,
+    };
+    let mut ledger = Ledger::default();
     while !term_over.is_cancelled() {
         if listener.as_ref().is_none_or(Listener::is_closed) {
-            listener = Listener::start(&db_settings, wake.clone())
-                .await
-                .inspect_err(|error| tracing::debug!(%error, "listen failed; polling"))
-                .ok();
+            listener =
+                Listener::start_with_payloads(&db_settings, wake.clone(), Some(payload_tx.clone()))
+                    .await
+                    .inspect_err(|error| tracing::debug!(%error, "listen failed; polling"))
+                    .ok();
+        }
+        let mut force_refresh = false;
+        while let Ok(payload) = payloads.try_recv() {
+            match payload.parse::<Uuid>() {
+                Ok(tenant_id) => force_refresh |= !active.known.contains(&tenant_id),
+                Err(_) => force_refresh = true,
+            }
+        }
+        let due = active.refreshed_at.is_none_or(|at| {
+            let age = at.elapsed();
+            age >= Duration::from_millis(ACTIVE_REFRESH_MS)
+                || (force_refresh && age >= Duration::from_millis(ACTIVE_REFRESH_MS_MIN))
+        });
+        let mut failed = false;
+        if due {
+            if let Err(error) = refresh(&store, &config, &mut active, &mut ledger).await {
+                tracing::warn!(%error, "refresh of active tenants failed");
+                failed = true;
+            }
         }
         if broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
-            broker = connect_broker(&broker_settings, &config.tiers).await;
+            let tiers: Vec<String> = active
+                .tiers
+                .iter()
+                .map(|tier| tier.name.clone())
+                .chain(config.tiers.iter().cloned())
+                .collect();
+            broker = connect_broker(&broker_settings, &tiers).await;
         }
-        let mut failed = broker.is_none();
-        if let Some(connected) = &broker {
+        failed |= broker.is_none();
+        if let (Some(connected), false) = (&broker, failed) {
             loop {
-                let started_at = Instant::now();
-                let dispatched_total = &metrics.tasks_dispatched_total;
-                let result = store
-                    .dispatch_ready(epoch, config.dispatch.batch_len_max, |tasks| async move {
-                        let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
-                            .iter()
-                            .map(|task| (task.tier.as_str(), &task.message))
-                            .collect();
-                        match tokio::time::timeout(publish_timeout, connected.publish(&messages))
-                            .await
-                        {
-                            Ok(Ok(())) => {
-                                for task in &tasks {
-                                    dispatched_total
-                                        .with_label_values(&[task.tier.as_str()])
-                                        .inc();
-                                }
-                                Ok(())
-                            }
-                            Ok(Err(error)) => Err(error.to_string()),
-                            Err(_) => Err("publisher confirms timed out".to_owned()),
-                        }
-                    })
-                    .await;
-                match result {
-                    Ok(count) => {
-                        if count > 0 {
-                            metrics
-                                .dispatch_batch_seconds
-                                .observe(started_at.elapsed().as_secs_f64());
-                        }
-                        if i64::try_from(count).unwrap_or(i64::MAX) < config.dispatch.batch_len_max
-                        {
-                            break;
-                        }
-                    }
+                match round(
+                    &store,
+                    &config,
+                    &metrics,
+                    connected,
+                    epoch,
+                    &mut active,
+                    &mut ledger,
+                )
+                .await
+                {
+                    Ok(dispatched) if dispatched > 0 && !term_over.is_cancelled() => continue,
+                    Ok(_) => break,
                     Err(ward_store::Error::Fenced {
                         epoch,
                         epoch_current,
@@ -117,9 +147,6 @@ pub async fn run(
                         break;
                     }
                 }
-                if term_over.is_cancelled() {
-                    break;
-                }
             }
         }
         if failed {
@@ -130,7 +157,7 @@ pub async fn run(
         if backlog_refreshed_at
             .is_none_or(|at| at.elapsed() >= Duration::from_millis(BACKLOG_REFRESH_MS))
         {
-            refresh_backlog(&store, &metrics, &config.tiers).await;
+            refresh_backlog(&store, &metrics, &active.tiers).await;
             backlog_refreshed_at = Some(Instant::now());
         }
         let pause = if failed {
@@ -149,6 +176,140 @@ pub async fn run(
     }
 }
 
+/// Rebuilds the tiers and each tier's active tenants.
+async fn refresh(
+    store: &Store,
+    config: &Config,
+    active: &mut Active,
+    ledger: &mut Ledger,
+) -> Result<(), ward_store::Error> {
+    let mut tiers = store.tiers().await?;
+    for name in &config.tiers {
+        if !tiers.iter().any(|tier| &tier.name == name) {
+            tiers.push(TierSpec {
+                name: name.clone(),
+                weight: 1,
+                min_share_percent: 0,
+            });
+        }
+    }
+    let mut by_tier = HashMap::new();
+    let mut known = HashSet::new();
+    for tier in &tiers {
+        let tenants = store.active_tenants(&tier.name, ACTIVE_TENANTS_MAX).await?;
+        known.extend(tenants.iter().map(|tenant| tenant.tenant_id));
+        if !tenants.is_empty() {
+            by_tier.insert(tier.name.clone(), tenants);
+        }
+    }
+    ledger.retain(&known);
+    *active = Active {
+        tiers,
+        by_tier,
+        known,
+        refreshed_at: Some(Instant::now()),
+    };
+    Ok(())
+}
+
+/// One dispatch round: windows per tier, shares per tenant, one fenced
+/// transaction that claims, publishes and marks. Returns how many tasks left.
+async fn round(
+    store: &Store,
+    config: &Config,
+    metrics: &Metrics,
+    broker: &Broker,
+    epoch: i64,
+    active: &mut Active,
+    ledger: &mut Ledger,
+) -> Result<usize, ward_store::Error> {
+    if active.by_tier.is_empty() {
+        return Ok(0);
+    }
+    let inflight = store.inflight().await?;
+    let busy: Vec<&str> = active.by_tier.keys().map(String::as_str).collect();
+    let windows = fairness::tier_windows(&active.tiers, &busy, config.dispatch.window_max);
+    let now = Instant::now();
+    let mut picks = Vec::new();
+    let mut batch_left = config.dispatch.batch_len_max;
+    let mut tiers_by_weight: Vec<&TierSpec> = active
+        .tiers
+        .iter()
+        .filter(|tier| windows.contains_key(&tier.name))
+        .collect();
+    tiers_by_weight.sort_by_key(|tier| std::cmp::Reverse(tier.weight));
+    for tier in tiers_by_weight {
+        let in_flight: i64 = inflight
+            .iter()
+            .filter(|((name, _), _)| name == &tier.name)
+            .map(|(_, count)| *count)
+            .sum();
+        metrics
+            .tasks_in_flight
+            .with_label_values(&[tier.name.as_str()])
+            .set(in_flight);
+        let capacity = (windows[&tier.name] - in_flight).min(batch_left);
+        let tenants = &active.by_tier[&tier.name];
+        let (tier_picks, throttled) =
+            fairness::split_tier(&tier.name, tenants, &inflight, capacity, ledger, now);
+        for (_, reason) in throttled {
+            metrics
+                .tenant_throttled_total
+                .with_label_values(&[reason.as_str()])
+                .inc();
+        }
+        batch_left -= tier_picks.iter().map(|pick| pick.count).sum::<i64>();
+        picks.extend(tier_picks);
+    }
+    if picks.is_empty() {
+        return Ok(0);
+    }
+    let started_at = Instant::now();
+    let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
+    let dispatched_total = &metrics.tasks_dispatched_total;
+    let dispatched = store
+        .dispatch_picks(epoch, &picks, |tasks| async move {
+            let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
+                .iter()
+                .map(|task| (task.tier.as_str(), &task.message))
+                .collect();
+            match tokio::time::timeout(publish_timeout, broker.publish(&messages)).await {
+                Ok(Ok(())) => {
+                    for task in &tasks {
+                        dispatched_total
+                            .with_label_values(&[task.tier.as_str()])
+                            .inc();
+                    }
+                    Ok(())
+                }
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("publisher confirms timed out".to_owned()),
+            }
+        })
+        .await?;
+    metrics
+        .dispatch_batch_seconds
+        .observe(started_at.elapsed().as_secs_f64());
+    // A tenant that got fewer than it was offered ran out of ready work.
+    for pick in &picks {
+        let got = dispatched.get(&pick.tenant_id).copied().unwrap_or(0) as i64;
+        if got < pick.count {
+            if let Some(bucket) = ledger.buckets.get_mut(&pick.tenant_id) {
+                bucket.tokens += (pick.count - got) as f64;
+            }
+            ledger.drained(pick.tenant_id);
+            if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
+                tenants.retain(|tenant| tenant.tenant_id != pick.tenant_id);
+                if tenants.is_empty() {
+                    active.by_tier.remove(&pick.tier);
+                }
+            }
+            active.known.remove(&pick.tenant_id);
+        }
+    }
+    Ok(dispatched.values().sum())
+}
+
 async fn connect_broker(settings: &ward_broker::Settings, tiers: &[String]) -> Option<Broker> {
     let broker = match Broker::connect(settings).await {
         Ok(broker) => broker,
@@ -157,7 +318,10 @@ async fn connect_broker(settings: &ward_broker::Settings, tiers: &[String]) -> O
             return None;
         }
     };
-    match broker.declare(tiers).await {
+    let mut unique: Vec<String> = tiers.to_vec();
+    unique.sort();
+    unique.dedup();
+    match broker.declare(&unique).await {
         Ok(()) => Some(broker),
         Err(error) => {
             tracing::warn!(%error, "declare queues failed");
@@ -167,18 +331,18 @@ async fn connect_broker(settings: &ward_broker::Settings, tiers: &[String]) -> O
     }
 }
 
-async fn refresh_backlog(store: &Store, metrics: &Metrics, tiers: &[String]) {
+async fn refresh_backlog(store: &Store, metrics: &Metrics, tiers: &[TierSpec]) {
     match store.ready_backlog().await {
         Ok(backlog) => {
             for tier in tiers {
                 let count = backlog
                     .iter()
-                    .find(|(name, _)| name == tier)
+                    .find(|(name, _)| name == &tier.name)
                     .map(|(_, count)| *count)
                     .unwrap_or(0);
                 metrics
                     .ready_backlog
-                    .with_label_values(&[tier.as_str()])
+                    .with_label_values(&[tier.name.as_str()])
                     .set(count);
             }
         }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod dispatch;
 pub mod election;
+pub mod fairness;
 pub mod metrics;
 pub mod timers;
 

@@ -21,6 +21,8 @@ pub const SIGNALS_TOTAL: &str = "ward_signals_total";
 pub const TIMERS_FIRED_TOTAL: &str = "ward_timers_fired_total";
 pub const SCHEDULE_STARTS_TOTAL: &str = "ward_schedule_starts_total";
 pub const LOCKS_EXPIRED_TOTAL: &str = "ward_external_locks_expired_total";
+pub const TASKS_IN_FLIGHT: &str = "ward_tasks_in_flight";
+pub const TENANT_THROTTLED_TOTAL: &str = "ward_tenant_throttled_total";
 
 /// The master's metrics, registered in its own registry (so several masters
 /// can run in one test process).
@@ -48,6 +50,11 @@ pub struct Metrics {
     pub timers_fired_total: IntCounter,
     pub schedule_starts_total: IntCounter,
     pub locks_expired_total: IntCounter,
+    /// By `tier`: dispatched, not yet settled; refreshed by the leader.
+    pub tasks_in_flight: IntGaugeVec,
+    /// By `reason` (inflight, rate): rounds in which a tenant with ready
+    /// work was held back by its quota.
+    pub tenant_throttled_total: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -146,6 +153,22 @@ impl Metrics {
                 "External-task locks that expired and returned their task to ready.",
             )
             .unwrap(),
+            tasks_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    TASKS_IN_FLIGHT,
+                    "Task runs dispatched and not yet settled, by tier.",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            tenant_throttled_total: IntCounterVec::new(
+                Opts::new(
+                    TENANT_THROTTLED_TOTAL,
+                    "Dispatch rounds in which a tenant was held back by a quota, by reason.",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -165,6 +188,8 @@ impl Metrics {
             Box::new(metrics.timers_fired_total.clone()),
             Box::new(metrics.schedule_starts_total.clone()),
             Box::new(metrics.locks_expired_total.clone()),
+            Box::new(metrics.tasks_in_flight.clone()),
+            Box::new(metrics.tenant_throttled_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).unwrap();

@@ -278,6 +278,8 @@ pub struct DefinitionPublished {
 pub struct CreateTenant {
     pub slug: String,
     pub tier: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
 }
 
 /// `POST /v1/admin/tenants` answer; the API key is shown only here.
@@ -287,6 +289,110 @@ pub struct TenantCreated {
     pub slug: String,
     pub tier: String,
     pub api_key: String,
+}
+
+// ---- Tenancy (admin API and `wardctl apply`) ----
+
+/// A tier: one queue, a weight in dispatch, a guaranteed minimum share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    pub name: String,
+    #[serde(default = "weight_default")]
+    pub weight: i32,
+    #[serde(default = "min_share_default")]
+    pub min_share_percent: i32,
+}
+
+fn weight_default() -> i32 {
+    1
+}
+
+fn min_share_default() -> i32 {
+    10
+}
+
+/// Tenant quotas; every field has a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Most task runs dispatched (or locked) and not yet settled.
+    pub inflight_max: i32,
+    /// Most task runs dispatched per second.
+    pub dispatch_rate_per_s: i32,
+    /// Most instances running at once.
+    pub running_instances_max: i32,
+    /// Largest request body.
+    pub payload_bytes_max: i32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            inflight_max: 64,
+            dispatch_rate_per_s: 500,
+            running_instances_max: 10_000,
+            payload_bytes_max: 256 * 1024,
+        }
+    }
+}
+
+/// A tenant as its administrator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub id: Uuid,
+    pub slug: String,
+    pub tier: String,
+    /// active, suspended or deleted.
+    pub status: String,
+    pub quotas: Quotas,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A tenant in a declarative apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub slug: String,
+    pub tier: String,
+    #[serde(default = "active")]
+    pub status: String,
+    #[serde(default)]
+    pub quotas: Quotas,
+}
+
+fn active() -> String {
+    "active".to_owned()
+}
+
+/// What an apply did (or would do, in a dry run).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub tiers_created: Vec<String>,
+    pub tiers_updated: Vec<String>,
+    pub tenants_created: Vec<String>,
+    pub tenants_updated: Vec<String>,
+    pub tenants_unchanged: usize,
+    /// API keys of created tenants, shown once (empty in a dry run).
+    pub keys: Vec<(String, String)>,
+}
+
+/// An API key without its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A tenant's current use of its quotas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub running_instances: i64,
+    pub inflight_tasks: i64,
+    pub ready_tasks: i64,
 }
 
 /// Every error answer of the API.

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -86,49 +88,49 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
-        let tasks: Vec<ReadyTask> = rows
-            .into_iter()
-            .map(|row| {
-                let kind: String = row.get(9);
-                let config: Option<Value> = row.get(10);
-                let config = config.unwrap_or(Value::Null);
-                let http = (kind == "http").then(|| HttpCall {
-                    url: config["url"].as_str().unwrap_or_default().to_owned(),
-                    method: config["method"].as_str().unwrap_or("POST").to_owned(),
-                    headers: serde_json::from_value(config["headers"].clone()).unwrap_or_default(),
-                });
-                ReadyTask {
-                    tier: row.get(6),
-                    message: TaskMessage {
-                        task_run_id: row.get(0),
-                        tenant_id: row.get(1),
-                        instance_id: row.get(2),
-                        step_id: row.get(3),
-                        handler: row.get(4),
-                        attempt: row.get(5),
-                        idempotency_key: row.get(7),
-                        input: row.get(8),
-                        epoch,
-                        kind,
-                        timeout_ms: config["timeout_ms"].as_u64(),
-                        http,
-                    },
-                }
-            })
-            .collect();
-        publish(tasks)
-            .await
-            .map_err(|error| Error::Publish(error.into()))?;
-        transaction
-            .execute(
-                "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2 \
-                 WHERE id = ANY($3) AND state = 'ready'",
-                &[&RunState::Dispatched.as_str(), &epoch, &ids],
+        let dispatched = publish_and_mark(&transaction, epoch, rows, publish).await?;
+        transaction.commit().await?;
+        Ok(dispatched.values().sum())
+    }
+
+    /// Fair dispatch: claims up to `count` of each picked tenant's oldest
+    /// ready runs of its tier (skipping rows another transaction holds),
+    /// publishes them, and marks them dispatched, under the epoch check.
+    /// Returns how many were dispatched per tenant; fewer than asked means
+    /// the tenant's ready work (of that tier) ran out.
+    pub async fn dispatch_picks<F, Fut, E>(
+        &self,
+        epoch: i64,
+        picks: &[Pick],
+        publish: F,
+    ) -> Result<HashMap<Uuid, usize>, Error>
+    where
+        F: FnOnce(Vec<ReadyTask>) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if picks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let tenants: Vec<Uuid> = picks.iter().map(|pick| pick.tenant_id).collect();
+        let tiers: Vec<&str> = picks.iter().map(|pick| pick.tier.as_str()).collect();
+        let counts: Vec<i64> = picks.iter().map(|pick| pick.count).collect();
+        let mut client = self.pool.get().await?;
+        let transaction = scoped(&mut client, Scope::System).await?;
+        check_epoch(&transaction, epoch).await?;
+        let rows = transaction
+            .query(
+                "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
+                 r.input, r.kind, r.config \
+                 FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS pick (tenant_id, tier, take) \
+                 CROSS JOIN LATERAL (SELECT * FROM task_runs t WHERE t.tier = pick.tier AND t.tenant_id = pick.tenant_id \
+                   AND t.state = 'ready' AND NOT t.external ORDER BY t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
+                &[&tenants, &tiers, &counts],
             )
             .await?;
+        let dispatched = publish_and_mark(&transaction, epoch, rows, publish).await?;
         transaction.commit().await?;
-        Ok(ids.len())
+        Ok(dispatched)
     }
 
     /// Number of ready tasks per tier (the backlog kept in Postgres).
@@ -196,7 +198,10 @@ impl Store {
                         )
                         .await?;
                     transaction
-                        .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                        .execute(
+                            "SELECT pg_notify($1, $2)",
+                            &[&READY_CHANNEL, &tenant_id.to_string()],
+                        )
                         .await?;
                 }
                 "delay" => {
@@ -298,6 +303,8 @@ impl Store {
                 id: row.get(0),
                 slug: row.get(1),
                 tier: row.get(2),
+                status: "active".to_owned(),
+                quotas: crate::Quotas::default(),
             };
             let name: String = row.get(3);
             let tick: DateTime<Utc> = row.get(8);
@@ -340,6 +347,76 @@ impl Store {
         }
         Ok(started)
     }
+}
+
+/// A fair-dispatch decision: up to `count` of a tenant's oldest ready runs of `tier`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pick {
+    pub tenant_id: Uuid,
+    pub tier: String,
+    pub count: i64,
+}
+
+/// Publishes the claimed rows and marks them dispatched in `transaction`.
+async fn publish_and_mark<F, Fut, E>(
+    transaction: &tokio_postgres::Transaction<'_>,
+    epoch: i64,
+    rows: Vec<tokio_postgres::Row>,
+    publish: F,
+) -> Result<HashMap<Uuid, usize>, Error>
+where
+    F: FnOnce(Vec<ReadyTask>) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if rows.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
+    let mut per_tenant: HashMap<Uuid, usize> = HashMap::new();
+    let tasks: Vec<ReadyTask> = rows
+        .into_iter()
+        .map(|row| {
+            let kind: String = row.get(9);
+            let config: Option<Value> = row.get(10);
+            let config = config.unwrap_or(Value::Null);
+            let http = (kind == "http").then(|| HttpCall {
+                url: config["url"].as_str().unwrap_or_default().to_owned(),
+                method: config["method"].as_str().unwrap_or("POST").to_owned(),
+                headers: serde_json::from_value(config["headers"].clone()).unwrap_or_default(),
+            });
+            let tenant_id: Uuid = row.get(1);
+            *per_tenant.entry(tenant_id).or_default() += 1;
+            ReadyTask {
+                tier: row.get(6),
+                message: TaskMessage {
+                    task_run_id: row.get(0),
+                    tenant_id,
+                    instance_id: row.get(2),
+                    step_id: row.get(3),
+                    handler: row.get(4),
+                    attempt: row.get(5),
+                    idempotency_key: row.get(7),
+                    input: row.get(8),
+                    epoch,
+                    kind,
+                    timeout_ms: config["timeout_ms"].as_u64(),
+                    http,
+                },
+            }
+        })
+        .collect();
+    publish(tasks)
+        .await
+        .map_err(|error| Error::Publish(error.into()))?;
+    transaction
+        .execute(
+            "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2 \
+             WHERE id = ANY($3) AND state = 'ready'",
+            &[&RunState::Dispatched.as_str(), &epoch, &ids],
+        )
+        .await?;
+    Ok(per_tenant)
 }
 
 /// Locks the epoch row in share mode and compares: a newer leader's

@@ -8,17 +8,22 @@ mod listen;
 mod progress;
 mod runs;
 mod schedules;
+mod tenancy;
 mod tenants;
 mod workflow;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-pub use dispatch::ReadyTask;
+pub use dispatch::{Pick, ReadyTask};
 pub use listen::Listener;
 pub use progress::{Completion, DEPTH_MAX, Settlement};
 pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX};
 pub use schedules::SCHEDULES_PER_TENANT_MAX;
+pub use tenancy::{
+    APPLY_TENANTS_MAX, ActiveTenant, ApplyReport, KeyRecord, Quotas, TENANT_PAGE_MAX, TenantRecord,
+    TenantSpec, TierSpec, Usage,
+};
 pub use tenants::{Tenant, TenantWithKey};
 pub use workflow::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, SignalOutcome, Started};
 

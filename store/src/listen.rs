@@ -22,13 +22,27 @@ impl Listener {
     /// When the connection ends, `notify` is woken once
     /// more and [`Listener::is_closed`] turns true.
     pub async fn start(settings: &Settings, notify: Arc<Notify>) -> Result<Listener, Error> {
+        Listener::start_with_payloads(settings, notify, None).await
+    }
+
+    /// As [`Listener::start`], and also forwards each notification's payload
+    /// (the tenant whose task became ready) to `payloads`, dropping payloads
+    /// when the channel is full.
+    pub async fn start_with_payloads(
+        settings: &Settings,
+        notify: Arc<Notify>,
+        payloads: Option<tokio::sync::mpsc::Sender<String>>,
+    ) -> Result<Listener, Error> {
         let (client, mut connection) = crate::pg_config(settings)?.connect(NoTls).await?;
         let wake = notify.clone();
         let task = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => {
+                    Ok(AsyncMessage::Notification(notification)) => {
+                        if let Some(payloads) = &payloads {
+                            let _ = payloads.try_send(notification.payload().to_owned());
+                        }
                         wake.notify_one();
                         wake.notify_waiters();
                     }

@@ -182,7 +182,10 @@ pub(crate) fn advance<'a>(
             }
             if made_ready {
                 transaction
-                    .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                    .execute(
+                        "SELECT pg_notify($1, $2)",
+                        &[&READY_CHANNEL, &instance.tenant_id.to_string()],
+                    )
                     .await?;
             }
             if !settled_now {

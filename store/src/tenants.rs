@@ -4,6 +4,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::tenancy::Quotas;
 use crate::{Error, Scope, Store, scoped};
 
 /// A tenant as request handling needs it.
@@ -12,6 +13,15 @@ pub struct Tenant {
     pub id: Uuid,
     pub slug: String,
     pub tier: String,
+    /// active or suspended (deleted tenants do not authenticate).
+    pub status: String,
+    pub quotas: Quotas,
+}
+
+impl Tenant {
+    pub fn is_suspended(&self) -> bool {
+        self.status == "suspended"
+    }
 }
 
 /// A new tenant with its API key, shown once.
@@ -23,14 +33,38 @@ pub struct TenantWithKey {
 
 impl Store {
     /// Creates a tenant and its first API key; only the key's hash is stored.
-    pub async fn create_tenant(&self, slug: &str, tier: &str) -> Result<TenantWithKey, Error> {
+    pub async fn create_tenant(
+        &self,
+        slug: &str,
+        tier: &str,
+        quotas: Quotas,
+    ) -> Result<TenantWithKey, Error> {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::System).await?;
+        if transaction
+            .query_opt("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
+            .await?
+            .is_none()
+        {
+            return Err(Error::Invalid {
+                field: "tier".into(),
+                message: format!("unknown tier `{tier}`"),
+            });
+        }
         let tenant_id = Uuid::now_v7();
         let inserted = transaction
             .execute(
-                "INSERT INTO tenants (id, slug, tier) VALUES ($1, $2, $3) ON CONFLICT (slug) DO NOTHING",
-                &[&tenant_id, &slug, &tier],
+                "INSERT INTO tenants (id, slug, tier, inflight_max, dispatch_rate_per_s, running_instances_max, \
+                 payload_bytes_max) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (slug) DO NOTHING",
+                &[
+                    &tenant_id,
+                    &slug,
+                    &tier,
+                    &quotas.inflight_max,
+                    &quotas.dispatch_rate_per_s,
+                    &quotas.running_instances_max,
+                    &quotas.payload_bytes_max,
+                ],
             )
             .await?;
         if inserted == 0 {
@@ -49,6 +83,8 @@ impl Store {
                 id: tenant_id,
                 slug: slug.to_owned(),
                 tier: tier.to_owned(),
+                status: "active".to_owned(),
+                quotas,
             },
             api_key,
         })
@@ -60,8 +96,9 @@ impl Store {
         let client = scoped(&mut client, Scope::System).await?;
         let row = client
             .query_opt(
-                "SELECT t.id, t.slug, t.tier FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
-                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status = 'active'",
+                "SELECT t.id, t.slug, t.tier, t.status, t.inflight_max, t.dispatch_rate_per_s, \
+                 t.running_instances_max, t.payload_bytes_max FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status <> 'deleted'",
                 &[&hash_key(api_key)],
             )
             .await?;
@@ -69,13 +106,20 @@ impl Store {
             id: row.get(0),
             slug: row.get(1),
             tier: row.get(2),
+            status: row.get(3),
+            quotas: Quotas {
+                inflight_max: row.get(4),
+                dispatch_rate_per_s: row.get(5),
+                running_instances_max: row.get(6),
+                payload_bytes_max: row.get(7),
+            },
         }))
     }
 }
 
 /// A key looks like `ward_<8 hex prefix>_<32 hex secret>`; the prefix is
 /// stored in clear so an operator can tell keys apart.
-fn new_api_key() -> (String, String) {
+pub(crate) fn new_api_key() -> (String, String) {
     let mut rng = rand::rng();
     let prefix: [u8; 4] = rng.random();
     let secret: [u8; 16] = rng.random();
@@ -83,6 +127,6 @@ fn new_api_key() -> (String, String) {
     (format!("ward_{prefix}_{}", hex::encode(secret)), prefix)
 }
 
-fn hash_key(api_key: &str) -> Vec<u8> {
+pub(crate) fn hash_key(api_key: &str) -> Vec<u8> {
     Sha256::digest(api_key.as_bytes()).to_vec()
 }

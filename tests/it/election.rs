@@ -160,7 +160,11 @@ async fn a_stale_epoch_can_write_nothing() {
     };
     ward_store::migrate(&settings).await.unwrap();
     let store = ward_store::Store::connect(&settings).unwrap();
-    let tenant = store.create_tenant("fenced", "gold").await.unwrap().tenant;
+    let tenant = store
+        .create_tenant("fenced", "gold", ward_store::Quotas::default())
+        .await
+        .unwrap()
+        .tenant;
     let definition = ward_shared::Definition::from_json(
         serde_json::to_string(&sequential("fence", &["echo"]))
             .unwrap()

@@ -12,6 +12,19 @@ use ward_worker::{Failure, Registry, Task};
 
 use crate::sandbox::{Sandbox, amqp_url, sequential};
 
+/// Declares the sandbox's queues and publishes, retrying while a new quorum
+/// queue is still electing its leader (the broker nacks until then).
+async fn publish_confirmed(broker: &ward_broker::Broker, tier: &str, body: &[u8]) {
+    broker.declare(&Sandbox::tiers()).await.unwrap();
+    for _ in 0..50 {
+        if broker.publish_raw(tier, body).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the broker never confirmed the message");
+}
+
 #[tokio::test]
 async fn handler_failure_is_recorded_with_its_error() {
     let mut sandbox = Sandbox::new().await;
@@ -144,8 +157,8 @@ async fn redelivered_messages_execute_again_but_commit_nothing() {
     .await
     .unwrap();
     let body = serde_json::to_vec(&message).unwrap();
-    broker.publish_raw("bronze", &body).await.unwrap();
-    broker.publish_raw("bronze", &body).await.unwrap();
+    publish_confirmed(&broker, "bronze", &body).await;
+    publish_confirmed(&broker, "bronze", &body).await;
     broker.close().await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -210,7 +223,7 @@ async fn malformed_message_is_dead_lettered_and_the_queue_keeps_flowing() {
     })
     .await
     .unwrap();
-    broker.publish_raw("gold", b"{not a task").await.unwrap();
+    publish_confirmed(&broker, "gold", b"{not a task").await;
     let id = sandbox
         .start_instance(&url, &key, &json!({ "definition": "after-poison" }))
         .await;

@@ -12,4 +12,5 @@ mod isolation;
 mod sandbox;
 mod schedules;
 mod shutdown;
+mod tenancy;
 mod workflow;

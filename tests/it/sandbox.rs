@@ -137,6 +137,18 @@ impl Sandbox {
         self.masters.len() - 1
     }
 
+    /// Starts an in-process master with an adjusted configuration.
+    pub async fn start_master_with(
+        &mut self,
+        adjust: impl FnOnce(&mut ward_master::Config),
+    ) -> usize {
+        let mut config = self.master_config();
+        adjust(&mut config);
+        let master = Master::start(config).await.expect("start master");
+        self.masters.push(master);
+        self.masters.len() - 1
+    }
+
     /// Starts an in-process worker with these handlers.
     pub async fn start_worker(&mut self, registry: Registry) -> usize {
         let worker = Worker::start(self.worker_config(), registry)

@@ -26,6 +26,36 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
+        if tenant.is_suspended() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "tenant_suspended",
+                format!("tenant `{}` is suspended: no new instances until it is resumed", tenant.slug),
+            ));
+        }
+        if let Ok(bytes) = &body {
+            if bytes.len() > usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX) {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body exceeds this tenant's limit of {} bytes", tenant.quotas.payload_bytes_max),
+                ));
+            }
+        }
+        let running = state
+            .store
+            .running_instances_at_most(&tenant, i64::from(tenant.quotas.running_instances_max))
+            .await
+            .map_err(ApiError::store)?;
+        if running >= i64::from(tenant.quotas.running_instances_max) {
+            state.metrics.tenant_throttled_total.with_label_values(&["running_instances"]).inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!("{running} instances are running: the quota is {}", tenant.quotas.running_instances_max),
+            )
+            .field("running_instances_max"));
+        }
         let idempotency_key = match headers.get("idempotency-key") {
             None => None,
             Some(value) => {
