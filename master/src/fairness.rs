@@ -1,8 +1,8 @@
 //! Fair dispatch decisions, as plain data and functions: how much of the
 //! dispatch window each tier gets (by weight, with a guaranteed minimum
 //! share, and work-conserving), and how a tier's share is split across its
-//! tenants by deficit round-robin within each tenant's in-flight quota and
-//! dispatch-rate token bucket.
+//! tenants, max-min fair on tasks in flight, within each tenant's in-flight
+//! quota and dispatch-rate token bucket.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -28,24 +28,39 @@ impl Throttle {
     }
 }
 
-/// The window each tier with work may fill: weights among the tiers that
-/// have work, each at least its `min_share_percent` of the whole.
+/// The window each tier with work may fill: first each busy tier's
+/// guaranteed `min_share_percent` of the whole, then the rest by weight
+/// among the busy tiers (rounding remainders to the heaviest). Idle tiers
+/// get nothing, so their share goes to the others (work-conserving).
 pub fn tier_windows(tiers: &[TierSpec], busy: &[&str], window_max: i64) -> HashMap<String, i64> {
-    let busy_tiers: Vec<&TierSpec> = tiers
+    let mut busy_tiers: Vec<&TierSpec> = tiers
         .iter()
         .filter(|tier| busy.contains(&tier.name.as_str()))
         .collect();
+    busy_tiers.sort_by_key(|tier| std::cmp::Reverse(tier.weight));
+    let floors: Vec<i64> = busy_tiers
+        .iter()
+        .map(|tier| (window_max * i64::from(tier.min_share_percent.clamp(0, 100)) + 99) / 100)
+        .collect();
+    let reserved: i64 = floors.iter().sum();
+    let rest = (window_max - reserved).max(0);
     let weight_sum: i64 = busy_tiers
         .iter()
         .map(|tier| i64::from(tier.weight.max(1)))
         .sum();
+    let mut windows: Vec<i64> = busy_tiers
+        .iter()
+        .zip(&floors)
+        .map(|(tier, floor)| floor + rest * i64::from(tier.weight.max(1)) / weight_sum.max(1))
+        .collect();
+    let given: i64 = windows.iter().sum();
+    if let Some(heaviest) = windows.first_mut() {
+        *heaviest += (window_max - given).max(0);
+    }
     busy_tiers
         .iter()
-        .map(|tier| {
-            let by_weight = window_max * i64::from(tier.weight.max(1)) / weight_sum.max(1);
-            let floor = window_max * i64::from(tier.min_share_percent.clamp(0, 100)) / 100;
-            (tier.name.clone(), by_weight.max(floor).max(1))
-        })
+        .zip(windows)
+        .map(|(tier, window)| (tier.name.clone(), window.max(1)))
         .collect()
 }
 
@@ -75,31 +90,36 @@ impl Bucket {
 }
 
 /// Per-tenant fairness state that outlives one round; bounded by the
-/// number of tenants with ready work (entries of drained tenants are dropped).
+/// number of tenants with ready work (entries of inactive tenants are dropped).
 #[derive(Debug, Default)]
 pub struct Ledger {
-    pub deficit: HashMap<Uuid, f64>,
     pub buckets: HashMap<Uuid, Bucket>,
-    /// Where the next round starts in each tier's tenant list.
-    pub cursor: HashMap<String, usize>,
+    /// When a tenant last got a task, as a sequence number of allocations
+    /// (ties in tasks in flight go to the least recently served).
+    pub last_served: HashMap<Uuid, u64>,
+    pub sequence: u64,
 }
 
 impl Ledger {
-    /// Forgets a tenant whose ready work ran out (deficit round-robin resets
-    /// the deficit of an empty queue).
+    /// Forgets a tenant whose ready work ran out.
     pub fn drained(&mut self, tenant_id: Uuid) {
-        self.deficit.remove(&tenant_id);
+        self.last_served.remove(&tenant_id);
     }
 
     /// Drops state of tenants no longer active, keeping memory bounded.
     pub fn retain(&mut self, active: &std::collections::HashSet<Uuid>) {
-        self.deficit.retain(|tenant, _| active.contains(tenant));
+        self.last_served.retain(|tenant, _| active.contains(tenant));
         self.buckets.retain(|tenant, _| active.contains(tenant));
     }
 }
 
-/// Splits `capacity` of `tier` across its active tenants. Returns the picks
-/// and the tenants throttled this round.
+/// Splits `capacity` of `tier` across its active tenants, max-min fair on
+/// tasks in flight: each next task goes to the tenant with the fewest in
+/// flight (counting this round's), ties to the least recently served, each
+/// within its `inflight_max` and its dispatch-rate tokens. A tenant with
+/// nothing in flight is therefore served before one with a backlog running,
+/// and equally backlogged tenants take turns. Returns the picks and the
+/// tenants throttled this round.
 pub fn split_tier(
     tier: &str,
     tenants: &[ActiveTenant],
@@ -108,13 +128,17 @@ pub fn split_tier(
     ledger: &mut Ledger,
     now: Instant,
 ) -> (Vec<Pick>, Vec<(Uuid, Throttle)>) {
-    let mut picks = Vec::new();
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
     let mut throttled = Vec::new();
     if capacity <= 0 || tenants.is_empty() {
-        return (picks, throttled);
+        return (Vec::new(), throttled);
     }
-    let mut eligible: Vec<(&ActiveTenant, i64)> = Vec::with_capacity(tenants.len());
-    for tenant in tenants {
+    // (fewest in flight, least recently served, tenant index)
+    let mut heap = BinaryHeap::with_capacity(tenants.len());
+    let mut room: Vec<(i64, f64)> = Vec::with_capacity(tenants.len());
+    for (index, tenant) in tenants.iter().enumerate() {
         let in_flight = inflight
             .get(&(tier.to_owned(), tenant.tenant_id))
             .copied()
@@ -125,44 +149,50 @@ pub fn split_tier(
             .entry(tenant.tenant_id)
             .or_insert_with(|| Bucket::full(tenant.dispatch_rate_per_s, now));
         bucket.refill(tenant.dispatch_rate_per_s, now);
+        room.push((headroom, bucket.tokens));
         if headroom <= 0 {
             throttled.push((tenant.tenant_id, Throttle::Inflight));
         } else if bucket.tokens < 1.0 {
             throttled.push((tenant.tenant_id, Throttle::Rate));
         } else {
-            eligible.push((tenant, headroom));
+            let served = ledger
+                .last_served
+                .get(&tenant.tenant_id)
+                .copied()
+                .unwrap_or(0);
+            heap.push(Reverse((in_flight, served, index)));
         }
     }
-    if eligible.is_empty() {
-        return (picks, throttled);
-    }
-    let quantum = capacity as f64 / eligible.len() as f64;
-    let start = ledger.cursor.get(tier).copied().unwrap_or(0) % eligible.len();
-    ledger.cursor.insert(tier.to_owned(), start + 1);
+    let mut counts = vec![0i64; tenants.len()];
     let mut left = capacity;
-    for offset in 0..eligible.len() {
-        if left <= 0 {
+    while left > 0 {
+        let Some(Reverse((load, _, index))) = heap.pop() else {
             break;
+        };
+        let (headroom, tokens) = &mut room[index];
+        counts[index] += 1;
+        *headroom -= 1;
+        *tokens -= 1.0;
+        left -= 1;
+        ledger.sequence += 1;
+        ledger
+            .last_served
+            .insert(tenants[index].tenant_id, ledger.sequence);
+        if *headroom > 0 && *tokens >= 1.0 {
+            heap.push(Reverse((load + 1, ledger.sequence, index)));
         }
-        let (tenant, headroom) = eligible[(start + offset) % eligible.len()];
-        let deficit = ledger.deficit.entry(tenant.tenant_id).or_insert(0.0);
-        *deficit = (*deficit + quantum).min(capacity as f64);
-        let bucket = ledger
-            .buckets
-            .get_mut(&tenant.tenant_id)
-            .expect("bucket made above");
-        let take = (deficit.floor() as i64)
-            .min(headroom)
-            .min(bucket.tokens.floor() as i64)
-            .min(left);
-        if take >= 1 {
-            *deficit -= take as f64;
-            bucket.tokens -= take as f64;
-            left -= take;
+    }
+    let mut picks = Vec::new();
+    for (index, count) in counts.into_iter().enumerate() {
+        if count > 0 {
+            let tenant_id = tenants[index].tenant_id;
+            if let Some(bucket) = ledger.buckets.get_mut(&tenant_id) {
+                bucket.tokens -= count as f64;
+            }
             picks.push(Pick {
-                tenant_id: tenant.tenant_id,
+                tenant_id,
                 tier: tier.to_owned(),
-                count: take,
+                count,
             });
         }
     }
@@ -207,7 +237,9 @@ mod tests {
             tier("bronze", 1, 15),
         ];
         let all = tier_windows(&tiers, &["gold", "silver", "bronze"], 1000);
-        assert_eq!((all["gold"], all["silver"], all["bronze"]), (600, 300, 150));
+        // Floors 100 + 100 + 150; the other 650 by weight 6:3:1.
+        assert_eq!((all["gold"], all["silver"], all["bronze"]), (490, 295, 215));
+        assert_eq!(all.values().sum::<i64>(), 1000);
         let alone = tier_windows(&tiers, &["bronze"], 1000);
         assert_eq!(
             alone["bronze"], 1000,
@@ -268,9 +300,38 @@ mod tests {
                 .sum::<i64>()
         };
         assert_eq!(count_of(slow.tenant_id), 1, "one token per second");
-        assert_eq!(count_of(quiet.tenant_id), 15);
+        assert_eq!(
+            count_of(quiet.tenant_id),
+            29,
+            "work-conserving: the rest goes to who can take it"
+        );
         let (_, throttled) = split_tier("gold", &[slow], &HashMap::new(), 30, &mut ledger, now);
         assert_eq!(throttled, [(slow.tenant_id, Throttle::Rate)]);
+    }
+
+    #[test]
+    fn a_tenant_with_nothing_in_flight_goes_first() {
+        let noisy = tenant(1, 100, 100_000);
+        let quiet = tenant(2, 100, 100_000);
+        let mut inflight = HashMap::new();
+        inflight.insert(("gold".to_owned(), noisy.tenant_id), 5);
+        let mut ledger = Ledger::default();
+        let (picks, _) = split_tier(
+            "gold",
+            &[noisy, quiet],
+            &inflight,
+            1,
+            &mut ledger,
+            Instant::now(),
+        );
+        assert_eq!(
+            picks,
+            [Pick {
+                tenant_id: quiet.tenant_id,
+                tier: "gold".into(),
+                count: 1
+            }]
+        );
     }
 
     #[test]

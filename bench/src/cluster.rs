@@ -1,0 +1,491 @@
+//! A benchmark cluster: `ward-master` and `ward-worker` processes (release
+//! binaries) against the real services, isolated by a schema, a queue
+//! prefix and an etcd prefix; their memory and CPU read from /proc.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+/// Where the services are.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub etcd_endpoints: String,
+    pub bin_dir: PathBuf,
+}
+
+/// Settings of one cluster.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub masters: usize,
+    pub workers: usize,
+    pub worker_prefetch: u16,
+    pub window_max: i64,
+    /// Tiers the workers consume (and the masters declare).
+    pub tiers: Vec<String>,
+    pub pool_size_max: usize,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            masters: 1,
+            workers: 1,
+            worker_prefetch: 32,
+            window_max: 512,
+            tiers: vec!["gold".into(), "silver".into(), "bronze".into()],
+            pool_size_max: 8,
+        }
+    }
+}
+
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// A running cluster.
+pub struct Cluster {
+    pub name: String,
+    pub url: String,
+    pub http: reqwest::Client,
+    services: Services,
+    children: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    /// Starts the processes and waits until every one is ready.
+    pub async fn start(services: &Services, name: &str, shape: &Shape) -> anyhow::Result<Cluster> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let mut cluster = Cluster {
+            name: name.to_owned(),
+            url: String::new(),
+            http,
+            services: services.clone(),
+            children: Vec::new(),
+        };
+        let mut ready_urls = Vec::new();
+        for index in 0..shape.masters {
+            let port = free_port()?;
+            let url = cluster.spawn("ward-master", &format!("master-{index}"), port, shape)?;
+            if index == 0 {
+                cluster.url = url.clone();
+                // The first master migrates the schema before the others start.
+                wait_ready(
+                    &cluster.http,
+                    &format!("{url}/readyz"),
+                    Duration::from_secs(60),
+                )
+                .await?;
+            }
+            ready_urls.push(url);
+        }
+        for index in 0..shape.workers {
+            let port = free_port()?;
+            ready_urls.push(cluster.spawn(
+                "ward-worker",
+                &format!("worker-{index}"),
+                port,
+                shape,
+            )?);
+        }
+        for url in &ready_urls {
+            wait_ready(
+                &cluster.http,
+                &format!("{url}/readyz"),
+                Duration::from_secs(60),
+            )
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    fn schema(&self) -> String {
+        format!("bench_{}", self.name.replace('-', "_"))
+    }
+
+    fn spawn(
+        &mut self,
+        binary: &str,
+        role: &str,
+        port: u16,
+        shape: &Shape,
+    ) -> anyhow::Result<String> {
+        let log_path = std::env::temp_dir().join(format!("ward-bench-{}-{role}.log", self.name));
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(self.services.bin_dir.join(binary))
+            .env("WARD_NODE_ID", format!("{}-{role}", self.name))
+            .env("WARD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("WARD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("WARD_TIERS", shape.tiers.join(","))
+            .env("WARD_DATABASE__URL", &self.services.database_url)
+            .env("WARD_DATABASE__SCHEMA", self.schema())
+            .env(
+                "WARD_DATABASE__POOL_SIZE_MAX",
+                shape.pool_size_max.to_string(),
+            )
+            .env("WARD_AMQP__URL", &self.services.amqp_url)
+            .env("WARD_AMQP__QUEUE_PREFIX", format!("{}.", self.name))
+            .env("WARD_ETCD__ENDPOINTS", &self.services.etcd_endpoints)
+            .env("WARD_ETCD__PREFIX", format!("/ward-bench/{}", self.name))
+            .env("WARD_ETCD__LEASE_TTL_S", "3")
+            .env("WARD_DISPATCH__WINDOW_MAX", shape.window_max.to_string())
+            .env("WARD_DISPATCH__POLL_MS", "100")
+            .env("WARD_PREFETCH", shape.worker_prefetch.to_string())
+            .env(
+                "WARD_LOG",
+                std::env::var("WARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!("spawn {binary} (build with `cargo build --release --workspace --bins`)")
+            })?;
+        self.children.push((role.to_owned(), child));
+        Ok(format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Resident memory (VmRSS) of every process, in bytes, by role.
+    pub fn rss_bytes(&self) -> Vec<(String, u64)> {
+        self.children
+            .iter()
+            .filter_map(|(role, child)| {
+                child
+                    .id()
+                    .map(|pid| (role.clone(), proc_status_kb(pid, "VmRSS:") * 1024))
+            })
+            .collect()
+    }
+
+    /// CPU seconds (user + system) used so far by every process.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.children
+            .iter()
+            .filter_map(|(_, child)| child.id())
+            .map(proc_cpu_seconds)
+            .sum()
+    }
+
+    /// A connection to this cluster's schema, as the database owner.
+    pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let mut config: tokio_postgres::Config = self.services.database_url.parse()?;
+        config.options(format!("-c search_path={}", self.schema()));
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// POSTs with the admin token or a tenant key; fails on a non-2xx answer.
+    pub async fn post(&self, key: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST {path}: {status} {answer}");
+        }
+        Ok(answer)
+    }
+
+    /// Applies `count` tenants (slug `<prefix>-<n>`) of a tier in batches;
+    /// returns their API keys in order and the seconds it took.
+    pub async fn apply_tenants(
+        &self,
+        prefix: &str,
+        count: usize,
+        tier: &str,
+        inflight_max: i32,
+    ) -> anyhow::Result<(Vec<String>, f64)> {
+        let started = Instant::now();
+        let mut keys = Vec::with_capacity(count);
+        let slugs: Vec<String> = (0..count).map(|n| format!("{prefix}-{n}")).collect();
+        for batch in slugs.chunks(1_000) {
+            let tenants: Vec<Value> = batch
+                .iter()
+                .map(|slug| json!({ "slug": slug, "tier": tier, "quotas": { "inflight_max": inflight_max, "dispatch_rate_per_s": 100000 } }))
+                .collect();
+            let report = self
+                .post(
+                    ADMIN_TOKEN,
+                    "/v1/admin/apply",
+                    &json!({ "tenants": tenants }),
+                )
+                .await?;
+            let by_slug: std::collections::HashMap<&str, &str> = report["keys"]
+                .as_array()
+                .context("keys")?
+                .iter()
+                .filter_map(|pair| Some((pair[0].as_str()?, pair[1].as_str()?)))
+                .collect();
+            for slug in batch {
+                keys.push(
+                    by_slug
+                        .get(slug.as_str())
+                        .context("a created tenant's key")?
+                        .to_string(),
+                );
+            }
+        }
+        Ok((keys, started.elapsed().as_secs_f64()))
+    }
+
+    /// Publishes `yaml` for every key, `concurrency` at a time.
+    pub async fn publish_all(
+        &self,
+        keys: &[String],
+        yaml: &str,
+        concurrency: usize,
+    ) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(keys)
+            .map(|key| async move {
+                let response = self
+                    .http
+                    .post(format!("{}/v1/definitions", self.url))
+                    .bearer_auth(key)
+                    .header("content-type", "application/yaml")
+                    .body(yaml.to_owned())
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "publish: {}",
+                    response.status()
+                );
+                Ok(())
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Waits until `expected` instances have ended; returns when they did.
+    pub async fn wait_ended(&self, expected: i64, timeout: Duration) -> anyhow::Result<()> {
+        let sql = self.sql().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ended: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE status <> 'running'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if ended >= expected {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: {ended} of {expected} instances ended after {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the processes and removes the schema, queues and nothing else.
+    pub async fn stop(mut self, tiers: &[String]) {
+        for (_, child) in &mut self.children {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for (_, child) in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+            }
+        }
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&self.services.database_url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema()))
+                .await;
+        }
+        let settings = ward_broker::Settings {
+            url: self.services.amqp_url.clone(),
+            queue_prefix: format!("{}.", self.name),
+            delivery_limit: 20,
+        };
+        if let Ok(broker) = ward_broker::Broker::connect(&settings).await {
+            // The masters declare every tier in the database, not only the consumed ones.
+            let mut all: Vec<String> = ["gold", "silver", "bronze"]
+                .iter()
+                .map(|tier| (*tier).to_owned())
+                .collect();
+            all.extend(tiers.iter().cloned());
+            all.sort();
+            all.dedup();
+            let _ = broker.delete(&all).await;
+            broker.close().await;
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(response) = http.get(url).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{url} not ready after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with(field))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds (clock ticks of 100 Hz).
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/pid/stat; here 11 and 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A Postgres cluster of the benchmark's own (own folder and port), for
+/// scenarios that need more connections than the machine's server allows.
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub url: String,
+}
+
+impl PrivatePostgres {
+    /// initdb (as the `postgres` user) and start on `port` with `max_connections`.
+    pub async fn start(port: u16, max_connections: u32) -> anyhow::Result<PrivatePostgres> {
+        let versions = std::fs::read_dir("/usr/lib/postgresql")
+            .context("no Postgres server binaries in /usr/lib/postgresql")?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .collect::<Vec<_>>();
+        let bin = versions
+            .into_iter()
+            .max()
+            .context("no Postgres version")?
+            .join("bin");
+        let dir = std::env::temp_dir().join(format!("ward-bench-pg-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let run_as_postgres = |args: &[&str]| {
+            std::process::Command::new("runuser")
+                .arg("-u")
+                .arg("postgres")
+                .arg("--")
+                .args(args)
+                .status()
+        };
+        let status = std::process::Command::new("chown")
+            .args(["postgres:postgres", dir.to_str().unwrap_or_default()])
+            .status()?;
+        anyhow::ensure!(status.success(), "chown {}", dir.display());
+        let data = dir.join("data");
+        let initdb = bin.join("initdb");
+        let status = run_as_postgres(&[
+            initdb.to_str().unwrap_or_default(),
+            "-D",
+            data.to_str().unwrap_or_default(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ])?;
+        anyhow::ensure!(status.success(), "initdb failed");
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={max_connections} -c shared_buffers=256MB -c fsync=on",
+            dir.display()
+        );
+        let pg_ctl = bin.join("pg_ctl");
+        let log = dir.join("log");
+        let status = run_as_postgres(&[
+            pg_ctl.to_str().unwrap_or_default(),
+            "-D",
+            data.to_str().unwrap_or_default(),
+            "-l",
+            log.to_str().unwrap_or_default(),
+            "-o",
+            &options,
+            "-w",
+            "start",
+        ])?;
+        anyhow::ensure!(
+            status.success(),
+            "pg_ctl start failed; see {}",
+            log.display()
+        );
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        Ok(PrivatePostgres { dir, bin, url })
+    }
+
+    pub fn stop(&self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                pg_ctl.to_str().unwrap_or_default(),
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-m",
+                "fast",
+                "stop",
+            ])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,147 @@
+//! `ward-bench`: benchmarks that print figures. `ward-bench tenancy` runs
+//! the multi-tenancy scenarios against the local services with release
+//! binaries and writes JSON and Markdown under `bench/results/`.
+
+mod cluster;
+mod load;
+mod tenancy;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+/// Ward benchmarks.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(
+        long,
+        env = "WARD_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/ward_bench"
+    )]
+    database_url: String,
+    #[arg(
+        long,
+        env = "WARD_BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    #[arg(
+        long,
+        env = "WARD_BENCH_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: String,
+    /// Folder of the ward-master and ward-worker binaries (default: next to this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Folder for the JSON and Markdown results.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
+    /// priority, shared versus per-tenant deployments.
+    Tenancy {
+        /// Smaller sizes, for a quick look.
+        #[arg(long)]
+        quick: bool,
+        /// Seed of the Zipf load.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Scenarios to run (default all): memory, noisy, tiers, utilisation.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = match args.bin_dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary folder")?
+            .to_path_buf(),
+    };
+    let services = cluster::Services {
+        database_url: args.database_url,
+        amqp_url: args.amqp_url,
+        etcd_endpoints: args.etcd_endpoints,
+        bin_dir,
+    };
+    match args.command {
+        Command::Tenancy { quick, seed, only } => {
+            let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+            let sizes = if quick {
+                tenancy::Sizes::quick()
+            } else {
+                tenancy::Sizes::full()
+            };
+            let run = format!("b{}", chrono::Utc::now().format("%H%M%S"));
+            println!(
+                "# ward-bench tenancy ({})",
+                if quick { "quick" } else { "full" }
+            );
+            println!(
+                "machine: {} cores, {}",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0),
+                memory_total()
+            );
+            let mut memory = serde_json::Value::Null;
+            let mut noisy = serde_json::Value::Null;
+            let mut tiers = serde_json::Value::Null;
+            let mut utilisation = serde_json::Value::Null;
+            if wanted("memory") {
+                println!("## 1. memory at scale (Zipf s = 1.1 over the tenants, seed {seed})");
+                memory = tenancy::memory_at_scale(&services, &run, sizes, seed).await?;
+            }
+            if wanted("noisy") {
+                println!("## 2. noisy neighbour and fairness");
+                noisy = tenancy::noisy_neighbour(&services, &run, sizes).await?;
+            }
+            if wanted("tiers") {
+                println!("## 3. tier priority");
+                tiers = tenancy::tier_priority(&services, &run).await?;
+            }
+            if wanted("utilisation") {
+                println!("## 4. one shared deployment versus one per tenant");
+                utilisation = tenancy::utilisation(&services, &run, sizes).await?;
+            }
+            let report = json!({
+                "benchmark": "tenancy", "quick": quick, "seed": seed, "at": chrono::Utc::now(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "memory_at_scale": memory, "noisy_neighbour": noisy, "tier_priority": tiers, "utilisation": utilisation,
+            });
+            std::fs::create_dir_all(&args.out)?;
+            let path = args
+                .out
+                .join(format!("tenancy{}.json", if quick { "-quick" } else { "" }));
+            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            println!("results: {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn memory_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .next()
+                .map(|line| line.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.0} GiB memory", kb / 1_048_576.0))
+        .unwrap_or_default()
+}
