@@ -133,68 +133,35 @@ pub async fn noisy_neighbour(
         ..Shape::default()
     };
     let input = json!({ "sleep_ms": 20 });
-    let mut results = HashMap::new();
-    for with_noisy in [false, true] {
-        let name = format!("{run}-noisy{}", u8::from(with_noisy));
-        let cluster = Cluster::start(services, &name, &shape).await?;
-        let (quiet_keys, _) = cluster.apply_tenants("quiet", 100, "gold", 64).await?;
-        let (noisy_keys, _) = cluster.apply_tenants("noisy", 1, "gold", 64).await?;
-        cluster.publish_all(&quiet_keys, SLEEP, 32).await?;
-        cluster.publish_all(&noisy_keys, SLEEP, 1).await?;
-        // Quiet: 1 instance per second each, spread over the second; noisy: 50 times that, plus a burst.
-        let mut sends = Vec::new();
-        for second in 0..sizes.steady_seconds {
-            for (index, key) in quiet_keys.iter().enumerate() {
-                sends.push((
-                    Duration::from_millis(second * 1000 + index as u64 * 10),
-                    key.clone(),
-                ));
-            }
-            if with_noisy {
-                for n in 0..50u64 {
-                    sends.push((
-                        Duration::from_millis(second * 1000 + n * 20),
-                        noisy_keys[0].clone(),
-                    ));
-                }
-            }
+    // Three alternating pairs of runs; the figure is the median ratio.
+    let mut pairs = Vec::new();
+    for repetition in 0..3 {
+        let mut results = HashMap::new();
+        for with_noisy in [false, true] {
+            let name = format!("{run}-noisy{repetition}{}", u8::from(with_noisy));
+            results.insert(
+                with_noisy,
+                quiet_latency(services, &name, &shape, sizes, with_noisy, &input).await?,
+            );
         }
-        if with_noisy {
-            let burst: Vec<&str> = std::iter::repeat_n(noisy_keys[0].as_str(), 500).collect();
-            load::burst(&cluster, &burst, "work", &input, 16).await;
-        }
-        let accepted = load::paced(&cluster, sends, "work", &input).await;
-        cluster
-            .wait_ended(
-                accepted as i64 + if with_noisy { 500 } else { 0 },
-                Duration::from_secs(600),
-            )
-            .await?;
-        let latencies = load::schedule_to_start(&cluster).await?;
-        let quiet = sorted(
-            latencies
-                .iter()
-                .filter(|(slug, _, _)| slug.starts_with("quiet"))
-                .map(|(_, _, ms)| *ms)
-                .collect(),
+        let (base_p50, base_p99, _) = results[&false];
+        let (noisy_p50, noisy_p99, quiet_count) = results[&true];
+        let ratio = noisy_p99 / base_p99.max(0.001);
+        println!(
+            "  run {}: quiet tenants' schedule-to-start without the noisy tenant p50 {base_p50:.1} ms p99 {base_p99:.1} ms; \
+             with it p50 {noisy_p50:.1} ms p99 {noisy_p99:.1} ms ({quiet_count} tasks): p99 ratio {ratio:.2}",
+            repetition + 1
         );
-        results.insert(
-            with_noisy,
-            (
-                percentile(&quiet, 0.5),
-                percentile(&quiet, 0.99),
-                quiet.len(),
-            ),
-        );
-        cluster.stop(&shape.tiers).await;
+        pairs.push(json!({ "quiet_p50_ms_alone": base_p50, "quiet_p99_ms_alone": base_p99,
+            "quiet_p50_ms_with_noisy": noisy_p50, "quiet_p99_ms_with_noisy": noisy_p99, "p99_ratio": ratio }));
     }
-    let (base_p50, base_p99, _) = results[&false];
-    let (noisy_p50, noisy_p99, quiet_count) = results[&true];
-    let ratio = noisy_p99 / base_p99.max(0.001);
-    println!(
-        "  quiet tenants' schedule-to-start: without the noisy tenant p50 {base_p50:.1} ms p99 {base_p99:.1} ms; \
-         with it p50 {noisy_p50:.1} ms p99 {noisy_p99:.1} ms ({quiet_count} tasks): p99 ratio {ratio:.2} (target <= 2)"
-    );
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .filter_map(|pair| pair["p99_ratio"].as_f64())
+        .collect();
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    let ratio = ratios[ratios.len() / 2];
+    println!("  median p99 ratio over 3 runs: {ratio:.2} (target <= 2)");
 
     // Jain's index: 20 tenants, each a backlog of 150, dispatched while all are backlogged.
     let name = format!("{run}-jain");
@@ -226,11 +193,69 @@ pub async fn noisy_neighbour(
         "  Jain's fairness index over 20 backlogged tenants (1000 dispatches while all were backlogged): {index:.3} (target >= 0.95)"
     );
     cluster.stop(&shape.tiers).await;
-    Ok(json!({
-        "quiet_p50_ms_alone": base_p50, "quiet_p99_ms_alone": base_p99,
-        "quiet_p50_ms_with_noisy": noisy_p50, "quiet_p99_ms_with_noisy": noisy_p99,
-        "p99_ratio": ratio, "jain_index": index, "jain_shares": shares,
-    }))
+    Ok(
+        json!({ "runs": pairs, "median_p99_ratio": ratio, "jain_index": index, "jain_shares": shares }),
+    )
+}
+
+/// One run of 100 quiet tenants (1 instance/s each), with or without a
+/// tenant sending 50 times that plus a burst of 500: the quiet tenants'
+/// schedule-to-start p50, p99 and sample count.
+async fn quiet_latency(
+    services: &Services,
+    name: &str,
+    shape: &Shape,
+    sizes: Sizes,
+    with_noisy: bool,
+    input: &Value,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let cluster = Cluster::start(services, name, shape).await?;
+    let (quiet_keys, _) = cluster.apply_tenants("quiet", 100, "gold", 64).await?;
+    let (noisy_keys, _) = cluster.apply_tenants("noisy", 1, "gold", 64).await?;
+    cluster.publish_all(&quiet_keys, SLEEP, 32).await?;
+    cluster.publish_all(&noisy_keys, SLEEP, 1).await?;
+    let mut sends = Vec::new();
+    for second in 0..sizes.steady_seconds {
+        for (index, key) in quiet_keys.iter().enumerate() {
+            sends.push((
+                Duration::from_millis(second * 1000 + index as u64 * 10),
+                key.clone(),
+            ));
+        }
+        if with_noisy {
+            for n in 0..50u64 {
+                sends.push((
+                    Duration::from_millis(second * 1000 + n * 20),
+                    noisy_keys[0].clone(),
+                ));
+            }
+        }
+    }
+    if with_noisy {
+        let burst: Vec<&str> = std::iter::repeat_n(noisy_keys[0].as_str(), 500).collect();
+        load::burst(&cluster, &burst, "work", input, 16).await;
+    }
+    let accepted = load::paced(&cluster, sends, "work", input).await;
+    cluster
+        .wait_ended(
+            accepted as i64 + if with_noisy { 500 } else { 0 },
+            Duration::from_secs(600),
+        )
+        .await?;
+    let latencies = load::schedule_to_start(&cluster).await?;
+    let quiet = sorted(
+        latencies
+            .iter()
+            .filter(|(slug, _, _)| slug.starts_with("quiet"))
+            .map(|(_, _, ms)| *ms)
+            .collect(),
+    );
+    cluster.stop(&shape.tiers).await;
+    Ok((
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        quiet.len(),
+    ))
 }
 
 /// Gold, silver and bronze tenants, each backlogged, in one saturated cluster.

@@ -55,6 +55,12 @@ pub struct Dispatch {
     /// Most tasks dispatched and not yet settled, over all tiers: about the
     /// workers' capacity, so the backlog stays in Postgres where fairness acts.
     pub window_max: i64,
+    /// Poll interval while ready work waits for a free slot in the window.
+    pub saturated_poll_ms: u64,
+    /// Lease of a dispatched run whose step sets no `timeout_ms`.
+    pub lease_default_ms: u64,
+    /// Added to every lease: time for delivery, commit and clock drift.
+    pub lease_grace_ms: u64,
 }
 
 impl Default for Config {
@@ -93,6 +99,9 @@ impl Default for Dispatch {
             poll_ms: 250,
             timer_poll_ms: 100,
             window_max: 512,
+            saturated_poll_ms: 5,
+            lease_default_ms: 60_000,
+            lease_grace_ms: 15_000,
         }
     }
 }

@@ -35,6 +35,8 @@ struct Active {
     by_tier: HashMap<String, Vec<ActiveTenant>>,
     known: HashSet<Uuid>,
     refreshed_at: Option<Instant>,
+    /// The last round left ready work waiting for a free slot or quota.
+    blocked: bool,
 }
 
 /// Dispatches until `term_over` is cancelled; cancels it itself when the
@@ -53,11 +55,15 @@ pub async fn run(
     let mut listener: Option<Listener> = None;
     let mut broker: Option<Broker> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
+    // A newly active tenant seen too soon after the last rebuild: rebuild as
+    // soon as allowed rather than forget it until the periodic one.
+    let mut refresh_pending = false;
     let mut active = Active {
         tiers: Vec::new(),
         by_tier: HashMap::new(),
         known: HashSet::new(),
         refreshed_at: None,
+        blocked: false,
     };
     let mut ledger = Ledger::default();
     while !term_over.is_cancelled() {
@@ -68,7 +74,7 @@ pub async fn run(
                     .inspect_err(|error| tracing::debug!(%error, "listen failed; polling"))
                     .ok();
         }
-        let mut force_refresh = false;
+        let mut force_refresh = refresh_pending;
         while let Ok(payload) = payloads.try_recv() {
             match payload.parse::<Uuid>() {
                 Ok(tenant_id) => force_refresh |= !active.known.contains(&tenant_id),
@@ -80,6 +86,7 @@ pub async fn run(
             age >= Duration::from_millis(ACTIVE_REFRESH_MS)
                 || (force_refresh && age >= Duration::from_millis(ACTIVE_REFRESH_MS_MIN))
         });
+        refresh_pending = force_refresh && !due;
         let mut failed = false;
         if due {
             if let Err(error) = refresh(&store, &config, &mut active, &mut ledger).await {
@@ -160,11 +167,20 @@ pub async fn run(
             refresh_backlog(&store, &metrics, &active.tiers).await;
             backlog_refreshed_at = Some(Instant::now());
         }
-        let pause = if failed {
+        let mut pause = if failed {
             FAILURE_DELAY_MS
+        } else if active.blocked {
+            // Work waits for a free slot; settlements do not notify, so look again soon.
+            config.dispatch.saturated_poll_ms
         } else {
             config.dispatch.poll_ms
         };
+        if refresh_pending {
+            let age_ms = active
+                .refreshed_at
+                .map_or(0, |at| at.elapsed().as_millis() as u64);
+            pause = pause.min(ACTIVE_REFRESH_MS_MIN.saturating_sub(age_ms).max(1));
+        }
         tokio::select! {
             () = term_over.cancelled() => break,
             () = wake.notified() => {}
@@ -208,6 +224,7 @@ async fn refresh(
         by_tier,
         known,
         refreshed_at: Some(Instant::now()),
+        blocked: false,
     };
     Ok(())
 }
@@ -226,6 +243,7 @@ async fn round(
     if active.by_tier.is_empty() {
         return Ok(0);
     }
+    let mut blocked = false;
     let inflight = store.inflight().await?;
     let busy: Vec<&str> = active.by_tier.keys().map(String::as_str).collect();
     let windows = fairness::tier_windows(&active.tiers, &busy, config.dispatch.window_max);
@@ -252,6 +270,7 @@ async fn round(
         let tenants = &active.by_tier[&tier.name];
         let (tier_picks, throttled) =
             fairness::split_tier(&tier.name, tenants, &inflight, capacity, ledger, now);
+        blocked |= capacity <= 0 || !throttled.is_empty();
         for (_, reason) in throttled {
             metrics
                 .tenant_throttled_total
@@ -261,6 +280,7 @@ async fn round(
         batch_left -= tier_picks.iter().map(|pick| pick.count).sum::<i64>();
         picks.extend(tier_picks);
     }
+    active.blocked = blocked;
     if picks.is_empty() {
         return Ok(0);
     }
@@ -268,7 +288,7 @@ async fn round(
     let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
     let dispatched_total = &metrics.tasks_dispatched_total;
     let dispatched = store
-        .dispatch_picks(epoch, &picks, |tasks| async move {
+        .dispatch_picks(epoch, lease(config), &picks, |tasks| async move {
             let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
                 .iter()
                 .map(|task| (task.tier.as_str(), &task.message))
@@ -308,6 +328,14 @@ async fn round(
         }
     }
     Ok(dispatched.values().sum())
+}
+
+/// The lease of dispatched runs, from the configuration.
+fn lease(config: &Config) -> ward_store::Lease {
+    ward_store::Lease {
+        default_ms: i64::try_from(config.dispatch.lease_default_ms).unwrap_or(i64::MAX),
+        grace_ms: i64::try_from(config.dispatch.lease_grace_ms).unwrap_or(i64::MAX),
+    }
 }
 
 async fn connect_broker(settings: &ward_broker::Settings, tiers: &[String]) -> Option<Broker> {

@@ -22,6 +22,7 @@ pub const TIMERS_FIRED_TOTAL: &str = "ward_timers_fired_total";
 pub const SCHEDULE_STARTS_TOTAL: &str = "ward_schedule_starts_total";
 pub const LOCKS_EXPIRED_TOTAL: &str = "ward_external_locks_expired_total";
 pub const TASKS_IN_FLIGHT: &str = "ward_tasks_in_flight";
+pub const LEASES_EXPIRED_TOTAL: &str = "ward_task_leases_expired_total";
 pub const TENANT_THROTTLED_TOTAL: &str = "ward_tenant_throttled_total";
 
 /// The master's metrics, registered in its own registry (so several masters
@@ -55,6 +56,7 @@ pub struct Metrics {
     /// By `reason` (inflight, rate): rounds in which a tenant with ready
     /// work was held back by its quota.
     pub tenant_throttled_total: IntCounterVec,
+    pub leases_expired_total: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +171,11 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
+            leases_expired_total: IntCounter::new(
+                LEASES_EXPIRED_TOTAL,
+                "Dispatched task runs failed by the leader because their lease expired (lost or hung worker).",
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -190,6 +197,7 @@ impl Metrics {
             Box::new(metrics.locks_expired_total.clone()),
             Box::new(metrics.tasks_in_flight.clone()),
             Box::new(metrics.tenant_throttled_total.clone()),
+            Box::new(metrics.leases_expired_total.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).unwrap();

@@ -27,11 +27,13 @@ pub async fn run(
             let fired = store.fire_due_timers(epoch, batch_len_max).await?;
             let started = store.fire_due_schedules(epoch, batch_len_max).await?;
             let reaped = store.reap_expired_locks(epoch, batch_len_max).await?;
-            Ok::<_, ward_store::Error>((fired, started, reaped))
+            let expired = store.expire_leases(epoch, batch_len_max).await?;
+            Ok::<_, ward_store::Error>((fired, started, reaped, expired))
         }
         .await;
         let pause_ms = match result {
-            Ok((fired, started, reaped)) => {
+            Ok((fired, started, reaped, expired)) => {
+                metrics.leases_expired_total.inc_by(expired as u64);
                 metrics.timers_fired_total.inc_by(fired as u64);
                 metrics.schedule_starts_total.inc_by(started as u64);
                 metrics.locks_expired_total.inc_by(reaped);

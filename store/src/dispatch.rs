@@ -67,6 +67,7 @@ impl Store {
     pub async fn dispatch_ready<F, Fut, E>(
         &self,
         epoch: i64,
+        lease: Lease,
         batch_len_max: i64,
         publish: F,
     ) -> Result<usize, Error>
@@ -88,7 +89,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let dispatched = publish_and_mark(&transaction, epoch, rows, publish).await?;
+        let dispatched = publish_and_mark(&transaction, epoch, lease, rows, publish).await?;
         transaction.commit().await?;
         Ok(dispatched.values().sum())
     }
@@ -101,6 +102,7 @@ impl Store {
     pub async fn dispatch_picks<F, Fut, E>(
         &self,
         epoch: i64,
+        lease: Lease,
         picks: &[Pick],
         publish: F,
     ) -> Result<HashMap<Uuid, usize>, Error>
@@ -128,7 +130,7 @@ impl Store {
                 &[&tenants, &tiers, &counts],
             )
             .await?;
-        let dispatched = publish_and_mark(&transaction, epoch, rows, publish).await?;
+        let dispatched = publish_and_mark(&transaction, epoch, lease, rows, publish).await?;
         transaction.commit().await?;
         Ok(dispatched)
     }
@@ -242,6 +244,85 @@ impl Store {
         Ok(fired)
     }
 
+    /// Fails dispatched runs whose lease expired (a worker that died without
+    /// its message coming back, or that hangs), each in its own fenced
+    /// transaction, as retryable: the step's retry policy runs another
+    /// attempt. A late answer from the old attempt is then a duplicate.
+    /// Returns how many expired.
+    pub async fn expire_leases(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
+        let expired = {
+            let mut client = self.pool.get().await?;
+            let client = scoped(&mut client, Scope::System).await?;
+            client
+                .query(
+                    "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'dispatched' \
+                     AND lease_expires_at < now() ORDER BY lease_expires_at LIMIT $1",
+                    &[&batch_len_max],
+                )
+                .await?
+        };
+        let mut count = 0;
+        for row in expired {
+            let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
+                (row.get(0), row.get(1), row.get(2));
+            let mut client = self.pool.get().await?;
+            let transaction = scoped(&mut client, Scope::System).await?;
+            check_epoch(&transaction, epoch).await?;
+            let still_expired = transaction
+                .query_opt(
+                    "SELECT 1 FROM task_runs WHERE id = $1 AND state = 'dispatched' AND lease_expires_at < now()",
+                    &[&task_run_id],
+                )
+                .await?
+                .is_some();
+            if !still_expired {
+                continue;
+            }
+            let settlement = Settlement::Failed {
+                error: "lease expired: the worker was lost or stopped responding".to_owned(),
+                retryable: true,
+            };
+            let completion = progress::settle(
+                &transaction,
+                tenant_id,
+                instance_id,
+                task_run_id,
+                &[RunState::Dispatched],
+                None,
+                settlement,
+                None,
+            )
+            .await?;
+            if matches!(completion, crate::Completion::Applied { .. }) {
+                transaction.commit().await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Extends the lease of a dispatched run (a handler's heartbeat).
+    /// Returns false when the run is no longer dispatched (it ended, or its
+    /// lease already expired and another attempt took over).
+    pub async fn heartbeat(
+        &self,
+        tenant_id: Uuid,
+        task_run_id: Uuid,
+        lease_ms: i64,
+    ) -> Result<bool, Error> {
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::Tenant(tenant_id)).await?;
+        let extended = client
+            .execute(
+                "UPDATE task_runs SET lease_expires_at = now() + $1::bigint * interval '1 millisecond' \
+                 WHERE tenant_id = $2 AND id = $3 AND state = 'dispatched'",
+                &[&lease_ms, &tenant_id, &task_run_id],
+            )
+            .await?;
+        client.commit().await?;
+        Ok(extended == 1)
+    }
+
     /// Returns external tasks whose lock expired to the ready state, under
     /// the epoch check. Returns how many.
     pub async fn reap_expired_locks(&self, epoch: i64, batch_len_max: i64) -> Result<u64, Error> {
@@ -349,6 +430,14 @@ impl Store {
     }
 }
 
+/// How long a dispatched run's lease lasts: its step's `timeout_ms` (or
+/// `default_ms`) plus `grace_ms`. Heartbeats extend it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub default_ms: i64,
+    pub grace_ms: i64,
+}
+
 /// A fair-dispatch decision: up to `count` of a tenant's oldest ready runs of `tier`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pick {
@@ -361,6 +450,7 @@ pub struct Pick {
 async fn publish_and_mark<F, Fut, E>(
     transaction: &tokio_postgres::Transaction<'_>,
     epoch: i64,
+    lease: Lease,
     rows: Vec<tokio_postgres::Row>,
     publish: F,
 ) -> Result<HashMap<Uuid, usize>, Error>
@@ -411,9 +501,10 @@ where
         .map_err(|error| Error::Publish(error.into()))?;
     transaction
         .execute(
-            "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2 \
+            "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2, \
+             lease_expires_at = now() + (coalesce((config->>'timeout_ms')::bigint, $4) + $5) * interval '1 millisecond' \
              WHERE id = ANY($3) AND state = 'ready'",
-            &[&RunState::Dispatched.as_str(), &epoch, &ids],
+            &[&RunState::Dispatched.as_str(), &epoch, &ids, &lease.default_ms, &lease.grace_ms],
         )
         .await?;
     Ok(per_tenant)

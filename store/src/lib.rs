@@ -15,7 +15,7 @@ mod workflow;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-pub use dispatch::{Pick, ReadyTask};
+pub use dispatch::{Lease, Pick, ReadyTask};
 pub use listen::Listener;
 pub use progress::{Completion, DEPTH_MAX, Settlement};
 pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX};

@@ -12,6 +12,11 @@ use ward_worker::Registry;
 
 use crate::sandbox::{LEASE_TTL_S, Sandbox, sequential, wait_ready};
 
+const LEASE: ward_store::Lease = ward_store::Lease {
+    default_ms: 60_000,
+    grace_ms: 10_000,
+};
+
 /// Polls the masters' `/readyz` until exactly one reports leading; returns its index.
 async fn wait_for_leader(sandbox: &Sandbox, urls: &[&str], timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
@@ -192,7 +197,7 @@ async fn a_stale_epoch_can_write_nothing() {
     let old_store = store.clone();
     let old_dispatch = tokio::spawn(async move {
         old_store
-            .dispatch_ready(100, 10, |tasks| async move {
+            .dispatch_ready(100, LEASE, 10, |tasks| async move {
                 let _ = released.await;
                 assert_eq!(tasks.len(), 1);
                 Ok::<_, std::io::Error>(())
@@ -223,7 +228,7 @@ async fn a_stale_epoch_can_write_nothing() {
     let published = Arc::new(AtomicBool::new(false));
     let flag = published.clone();
     let result = store
-        .dispatch_ready(100, 10, |_tasks| async move {
+        .dispatch_ready(100, LEASE, 10, |_tasks| async move {
             flag.store(true, Ordering::SeqCst);
             Ok::<_, std::io::Error>(())
         })
@@ -270,7 +275,7 @@ async fn a_stale_epoch_can_write_nothing() {
     );
     assert_eq!(
         store
-            .dispatch_ready(101, 10, |_| async { Ok::<_, std::io::Error>(()) })
+            .dispatch_ready(101, LEASE, 10, |_| async { Ok::<_, std::io::Error>(()) })
             .await
             .unwrap(),
         1

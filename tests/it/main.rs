@@ -9,6 +9,7 @@ mod examples;
 mod execution;
 mod external;
 mod isolation;
+mod leases;
 mod sandbox;
 mod schedules;
 mod shutdown;

@@ -24,6 +24,10 @@ pub struct Config {
     pub handler_timeout_ms: u64,
     /// Attempts at committing one result while the store is unavailable.
     pub commit_attempts_max: u32,
+    /// How often the worker extends the lease of a running task.
+    pub heartbeat_interval_ms: u64,
+    /// How far each heartbeat extends the lease.
+    pub heartbeat_lease_ms: u64,
     /// Bound on draining in-flight tasks at shutdown; tasks still running
     /// then are handed back to the queue.
     pub shutdown_deadline_ms: u64,
@@ -41,6 +45,8 @@ impl Default for Config {
             prefetch: 32,
             handler_timeout_ms: 30_000,
             commit_attempts_max: 5,
+            heartbeat_interval_ms: 10_000,
+            heartbeat_lease_ms: 30_000,
             shutdown_deadline_ms: 10_000,
             log_json: false,
         }

@@ -147,8 +147,11 @@ async fn process(context: Context, delivery: Delivery) {
 async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage) {
     let started_at = chrono::Utc::now();
     let timer = context.metrics.task_execution_seconds.start_timer();
+    let heartbeats = heartbeat_loop(context, message);
+    tokio::pin!(heartbeats);
     let outcome = tokio::select! {
         outcome = execute(context, message) => outcome,
+        () = &mut heartbeats => unreachable!("the heartbeat loop never ends"),
         () = context.hand_back.cancelled() => {
             hand_back(context, delivery, "shutdown deadline").await;
             return;
@@ -200,6 +203,23 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
     hand_back(context, delivery, "commit failed").await;
 }
 
+/// Extends the run's lease every `heartbeat_interval_ms` while its handler
+/// runs (it is dropped when the handler ends). Never returns.
+async fn heartbeat_loop(context: &Context, message: &TaskMessage) {
+    let interval = Duration::from_millis(context.config.heartbeat_interval_ms.max(100));
+    let lease_ms = i64::try_from(context.config.heartbeat_lease_ms).unwrap_or(i64::MAX);
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(error) = context
+            .store
+            .heartbeat(message.tenant_id, message.task_run_id, lease_ms)
+            .await
+        {
+            tracing::debug!(%error, "heartbeat failed");
+        }
+    }
+}
+
 async fn hand_back(context: &Context, delivery: &Delivery, reason: &str) {
     context
         .metrics
@@ -238,6 +258,12 @@ async fn execute(context: &Context, message: &TaskMessage) -> Settlement {
                 attempt: message.attempt,
                 idempotency_key: message.idempotency_key.clone(),
                 input: message.input.clone(),
+                heartbeat: crate::handler::Heartbeat {
+                    store: context.store.clone(),
+                    tenant_id: message.tenant_id,
+                    task_run_id: message.task_run_id,
+                    lease_ms: i64::try_from(context.config.heartbeat_lease_ms).unwrap_or(i64::MAX),
+                },
             };
             handler.run(task)
         }

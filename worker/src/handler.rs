@@ -22,6 +22,37 @@ pub struct Task {
     /// the systems you call (for example as an `Idempotency-Key` header).
     pub idempotency_key: String,
     pub input: Value,
+    /// Extends this run's lease. The worker already beats every
+    /// `heartbeat_interval_ms` while the handler runs; call it yourself
+    /// around long blocking work.
+    pub heartbeat: Heartbeat,
+}
+
+/// A handle that extends the lease of the running task.
+#[derive(Clone)]
+pub struct Heartbeat {
+    pub(crate) store: ward_store::Store,
+    pub(crate) tenant_id: Uuid,
+    pub(crate) task_run_id: Uuid,
+    pub(crate) lease_ms: i64,
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("task_run_id", &self.task_run_id)
+            .finish()
+    }
+}
+
+impl Heartbeat {
+    /// Extends the lease. False means the run no longer belongs to this
+    /// worker (its lease expired and another attempt took over): stop early.
+    pub async fn beat(&self) -> Result<bool, ward_store::Error> {
+        self.store
+            .heartbeat(self.tenant_id, self.task_run_id, self.lease_ms)
+            .await
+    }
 }
 
 /// A handler's failure; recorded on the task run with its message.

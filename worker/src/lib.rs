@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-pub use handler::{Failure, Handler, Registry, Task};
+pub use handler::{Failure, Handler, Heartbeat, Registry, Task};
 
 /// After the shutdown deadline, how long handed-back tasks get to settle.
 const HAND_BACK_GRACE_MS: u64 = 2_000;
