@@ -486,17 +486,7 @@ pub(crate) fn finish<'a>(
                         retryable: false,
                     },
                 };
-                settle(
-                    transaction,
-                    instance.tenant_id,
-                    parent_id,
-                    parent_run_id,
-                    &[RunState::Waiting],
-                    None,
-                    settlement,
-                    None,
-                )
-                .await?;
+                settle_parent(transaction, instance, parent_id, parent_run_id, settlement).await?;
             }
         }
         Ok(new_status.to_owned())
@@ -523,20 +513,31 @@ pub(crate) fn cancel<'a>(
                 error: format!("child instance {} was cancelled", instance.id),
                 retryable: false,
             };
-            settle(
-                transaction,
-                instance.tenant_id,
-                parent_id,
-                parent_run_id,
-                &[RunState::Waiting],
-                None,
-                settlement,
-                None,
-            )
-            .await?;
+            settle_parent(transaction, instance, parent_id, parent_run_id, settlement).await?;
         }
         Ok(())
     })
+}
+
+/// Settles the waiting sub-workflow step of a child's parent.
+async fn settle_parent(
+    transaction: &Transaction<'_>,
+    child: &Locked,
+    parent_id: Uuid,
+    parent_run_id: Uuid,
+    settlement: Settlement,
+) -> Result<Completion, Error> {
+    settle(
+        transaction,
+        child.tenant_id,
+        parent_id,
+        parent_run_id,
+        &[RunState::Waiting],
+        None,
+        settlement,
+        None,
+    )
+    .await
 }
 
 async fn end_instance(

@@ -68,15 +68,7 @@ async fn three_step_instance_runs_to_completion() {
     );
     assert!(instance["completed_at"].is_string());
 
-    let metrics = sandbox
-        .http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sandbox.metrics(&url).await;
     assert!(
         metrics.contains("ward_instances_started_total 1"),
         "{metrics}"

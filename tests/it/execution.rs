@@ -166,35 +166,14 @@ async fn redelivered_messages_execute_again_but_commit_nothing() {
         assert!(Instant::now() < deadline, "redeliveries were not executed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let worker_metrics = sandbox
-        .http
-        .get(format!("http://{}/metrics", sandbox.workers[0].http_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut duplicates_seen =
-        worker_metrics.contains("ward_task_commits_total{result=\"duplicate\"} 2");
-    while !duplicates_seen {
-        assert!(
-            Instant::now() < deadline,
-            "duplicates not counted: {worker_metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let text = sandbox
-            .http
-            .get(format!("http://{}/metrics", sandbox.workers[0].http_addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        duplicates_seen = text.contains("ward_task_commits_total{result=\"duplicate\"} 2");
-    }
+    let worker_url = format!("http://{}", sandbox.workers[0].http_addr);
+    sandbox
+        .wait_metric(
+            &worker_url,
+            "ward_task_commits_total{result=\"duplicate\"} 2",
+            Duration::from_secs(10),
+        )
+        .await;
     let after = sandbox.instance(&url, &key, &id).await;
     assert_eq!(after, before, "two redeliveries changed nothing");
     let task_runs: i64 = sql

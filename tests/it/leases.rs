@@ -80,37 +80,16 @@ steps:
 
     // The stopped worker resumes and finishes attempt 1: a duplicate, nothing changes.
     signal(pid, "CONT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let metrics = sandbox
-            .http
-            .get(format!("{worker_url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics.contains("ward_task_commits_total{result=\"duplicate\"} 1") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the late result was not refused: {metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sandbox
+        .wait_metric(
+            &worker_url,
+            "ward_task_commits_total{result=\"duplicate\"} 1",
+            Duration::from_secs(20),
+        )
+        .await;
     let after = sandbox.instance(&url, &key, &id).await;
     assert_eq!(after, instance, "the late result changed nothing");
-    let metrics = sandbox
-        .http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sandbox.metrics(&url).await;
     assert!(
         metrics.contains("ward_task_leases_expired_total"),
         "{metrics}"

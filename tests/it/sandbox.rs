@@ -315,6 +315,34 @@ impl Sandbox {
         }
     }
 
+    /// The Prometheus text of a master's or worker's `/metrics`.
+    pub async fn metrics(&self, base_url: &str) -> String {
+        self.http
+            .get(format!("{base_url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls `/metrics` of `base_url` until it contains `needle`.
+    pub async fn wait_metric(&self, base_url: &str, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.metrics(base_url).await;
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle} not in {base_url}/metrics: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A direct connection to this sandbox's schema, for checking history.
     pub async fn sql(&self) -> tokio_postgres::Client {
         let url = database_url();

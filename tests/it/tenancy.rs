@@ -483,15 +483,7 @@ async fn a_flooding_tenant_cannot_starve_the_others_and_quotas_bound_in_flight()
         most_at_once <= 3,
         "noisy had {most_at_once} tasks in flight at once"
     );
-    let metrics = sandbox
-        .http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sandbox.metrics(&url).await;
     assert!(
         metrics.contains("ward_tenant_throttled_total{reason=\"inflight\"}"),
         "throttling is visible"
