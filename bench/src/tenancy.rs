@@ -24,7 +24,6 @@ pub struct Sizes {
     pub zipf_instances: usize,
     pub steady_seconds: u64,
     pub deployments: [usize; 2],
-    pub per_tenant_instances: usize,
 }
 
 impl Sizes {
@@ -34,7 +33,6 @@ impl Sizes {
             zipf_instances: 10_000,
             steady_seconds: 20,
             deployments: [10, 50],
-            per_tenant_instances: 100,
         }
     }
 
@@ -44,7 +42,6 @@ impl Sizes {
             zipf_instances: 2_000,
             steady_seconds: 6,
             deployments: [3, 6],
-            per_tenant_instances: 40,
         }
     }
 }
@@ -321,6 +318,25 @@ pub async fn tier_priority(services: &Services, run: &str) -> anyhow::Result<Val
     Ok(Value::Object(result))
 }
 
+/// Instances each tenant starts per second in the utilisation scenario: a
+/// busy rate, and a rate nearer a care organisation's (still 17,280 a day).
+const UTILISATION_RATES_PER_S: [f64; 2] = [2.0, 0.2];
+
+/// `(offset, key)` sends: each key `rate_per_s` times a second for
+/// `seconds`, spread evenly; ordered by period, then key.
+fn steady_sends(keys: &[String], seconds: u64, rate_per_s: f64) -> Vec<(Duration, String)> {
+    let period = 1.0 / rate_per_s;
+    let periods = (seconds as f64 * rate_per_s).round() as u64;
+    let mut sends = Vec::new();
+    for k in 0..periods {
+        for (index, key) in keys.iter().enumerate() {
+            let offset = k as f64 * period + index as f64 * period / keys.len() as f64;
+            sends.push((Duration::from_secs_f64(offset), key.clone()));
+        }
+    }
+    sends
+}
+
 /// Memory and CPU per 1,000 tasks: one shared deployment for N tenants
 /// versus N deployments of one master and one worker each.
 pub async fn utilisation(services: &Services, run: &str, sizes: Sizes) -> anyhow::Result<Value> {
@@ -343,18 +359,31 @@ async fn utilisation_on(services: &Services, run: &str, sizes: Sizes) -> anyhow:
         ..Shape::default()
     };
     let mut rows = Vec::new();
-    for n in sizes.deployments {
+    for (n, rate) in sizes
+        .deployments
+        .into_iter()
+        .flat_map(|n| UTILISATION_RATES_PER_S.map(|rate| (n, rate)))
+    {
         // Shared.
-        let shared = Cluster::start(services, &format!("{run}-shared{n}"), &shape).await?;
+        let shared = Cluster::start(
+            services,
+            &format!("{run}-shared{n}r{}", (rate * 10.0) as u32),
+            &shape,
+        )
+        .await?;
         let (keys, _) = shared.apply_tenants("org", n, "gold", 64).await?;
         shared.publish_all(&keys, NOOP, 16).await?;
         let cpu_before = shared.cpu_seconds();
         let started = Instant::now();
-        let mut all: Vec<&str> = Vec::new();
-        for _ in 0..sizes.per_tenant_instances {
-            all.extend(keys.iter().map(String::as_str));
-        }
-        let done = load::burst(&shared, &all, "work", &json!({}), 32).await;
+        // The same steady load both ways: every tenant starts one instance
+        // every 1/UTILISATION_RATE_PER_S seconds for `steady_seconds`.
+        let done = load::paced(
+            &shared,
+            steady_sends(&keys, sizes.steady_seconds, rate),
+            "work",
+            &json!({}),
+        )
+        .await;
         shared
             .wait_ended(done as i64, Duration::from_secs(600))
             .await?;
@@ -366,8 +395,14 @@ async fn utilisation_on(services: &Services, run: &str, sizes: Sizes) -> anyhow:
         // One deployment per tenant, all loaded at once.
         let mut clusters = Vec::new();
         for index in 0..n {
-            clusters
-                .push(Cluster::start(services, &format!("{run}-solo{n}x{index}"), &shape).await?);
+            clusters.push(
+                Cluster::start(
+                    services,
+                    &format!("{run}-solo{n}r{}x{index}", (rate * 10.0) as u32),
+                    &shape,
+                )
+                .await?,
+            );
         }
         let mut solo_keys = Vec::new();
         for cluster in &clusters {
@@ -377,17 +412,28 @@ async fn utilisation_on(services: &Services, run: &str, sizes: Sizes) -> anyhow:
         }
         let cpu_before: f64 = clusters.iter().map(Cluster::cpu_seconds).sum();
         let started = Instant::now();
-        let loads = clusters.iter().zip(&solo_keys).map(|(cluster, key)| {
-            let keys: Vec<&str> =
-                std::iter::repeat_n(key.as_str(), sizes.per_tenant_instances).collect();
-            async move {
-                let accepted = load::burst(cluster, &keys, "work", &json!({}), 4).await;
-                cluster
-                    .wait_ended(accepted as i64, Duration::from_secs(600))
-                    .await
-                    .map(|()| accepted)
-            }
-        });
+        let loads = clusters
+            .iter()
+            .zip(&solo_keys)
+            .enumerate()
+            .map(|(index, (cluster, key))| {
+                // Offsets as in the shared run, for this deployment's one tenant.
+                let sends: Vec<(Duration, String)> =
+                    steady_sends(&solo_keys, sizes.steady_seconds, rate)
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(position, _)| position % solo_keys.len() == index)
+                        .map(|(_, send)| send)
+                        .collect();
+                debug_assert!(sends.iter().all(|(_, send_key)| send_key == key));
+                async move {
+                    let accepted = load::paced(cluster, sends, "work", &json!({})).await;
+                    cluster
+                        .wait_ended(accepted as i64, Duration::from_secs(600))
+                        .await
+                        .map(|()| accepted)
+                }
+            });
         let solo_done: usize = futures::future::try_join_all(loads)
             .await?
             .into_iter()
@@ -406,7 +452,7 @@ async fn utilisation_on(services: &Services, run: &str, sizes: Sizes) -> anyhow:
         let memory_ratio = mb(solo_rss) / mb(shared_rss).max(0.001);
         let cpu_ratio = per_k(solo_cpu, solo_done) / per_k(shared_cpu, done).max(0.000_001);
         println!(
-            "  N = {n}: shared: {:.1} MB, {:.2} CPU s per 1000 tasks ({done} tasks in {shared_seconds:.1} s); \
+            "  N = {n}, {rate} instances/s per tenant: shared: {:.1} MB, {:.2} CPU s per 1000 tasks ({done} tasks in {shared_seconds:.1} s); \
              {n} deployments: {:.1} MB, {:.2} CPU s per 1000 tasks ({solo_done} tasks in {solo_seconds:.1} s); \
              ratio memory {memory_ratio:.1}x, CPU {cpu_ratio:.1}x",
             mb(shared_rss),
@@ -416,6 +462,7 @@ async fn utilisation_on(services: &Services, run: &str, sizes: Sizes) -> anyhow:
         );
         rows.push(json!({
             "n": n,
+            "rate_per_tenant_per_s": rate,
             "shared_rss_mb": mb(shared_rss), "shared_cpu_s_per_1000": per_k(shared_cpu, done), "shared_tasks": done,
             "separate_rss_mb": mb(solo_rss), "separate_cpu_s_per_1000": per_k(solo_cpu, solo_done), "separate_tasks": solo_done,
             "memory_ratio": memory_ratio, "cpu_ratio": cpu_ratio,
