@@ -138,9 +138,12 @@ async fn campaign_and_lead(
         .leader()
         .cloned()
         .context("campaign answered without a leader key")?;
-    let epoch = leader_key.rev();
-    store
-        .claim_epoch(epoch, &config.node_id)
+    // etcd's cluster id tells a rebuilt etcd (whose revisions start over) from a stale leader.
+    let etcd_cluster_id = campaign
+        .header()
+        .map_or(0, |header| header.cluster_id() as i64);
+    let epoch = store
+        .claim_epoch(leader_key.rev(), etcd_cluster_id, &config.node_id)
         .await
         .context("claim epoch")?;
     tracing::info!(epoch, node_id = %config.node_id, "elected leader");

@@ -23,26 +23,38 @@ pub struct ReadyTask {
 }
 
 impl Store {
-    /// Records `epoch` as the current leadership term. Fails with `Fenced`
-    /// when a newer (or the same) epoch is already recorded. Waits for any
-    /// in-flight dispatch of the previous leader to finish first, because that
-    /// transaction holds the epoch row in share mode.
-    pub async fn claim_epoch(&self, epoch: i64, holder: &str) -> Result<(), Error> {
+    /// Starts a leadership term won in etcd at election `revision` of the
+    /// etcd cluster `etcd_cluster_id`, and returns its epoch (the fencing
+    /// token: the previous epoch plus one). Fails with `Fenced` when a term
+    /// with a newer (or the same) revision of the same etcd cluster was
+    /// already claimed. Waits for any in-flight dispatch of the previous
+    /// leader to finish first: that transaction holds the epoch row in share
+    /// mode.
+    pub async fn claim_epoch(
+        &self,
+        revision: i64,
+        etcd_cluster_id: i64,
+        holder: &str,
+    ) -> Result<i64, Error> {
         let client = self.pool.get().await?;
         let claimed = client
-            .execute(
-                "INSERT INTO leader_epoch (id, epoch, holder, elected_at) VALUES (1, $1, $2, now()) \
-                 ON CONFLICT (id) DO UPDATE SET epoch = EXCLUDED.epoch, holder = EXCLUDED.holder, \
-                 elected_at = now() WHERE leader_epoch.epoch < EXCLUDED.epoch",
-                &[&epoch, &holder],
+            .query_opt(
+                "INSERT INTO leader_epoch (id, epoch, holder, elected_at, etcd_cluster_id, etcd_revision) \
+                 VALUES (1, 1, $3, now(), $2, $1) \
+                 ON CONFLICT (id) DO UPDATE SET epoch = leader_epoch.epoch + 1, holder = EXCLUDED.holder, \
+                 elected_at = now(), etcd_cluster_id = EXCLUDED.etcd_cluster_id, etcd_revision = EXCLUDED.etcd_revision \
+                 WHERE leader_epoch.etcd_cluster_id IS DISTINCT FROM EXCLUDED.etcd_cluster_id \
+                 OR leader_epoch.etcd_revision < EXCLUDED.etcd_revision \
+                 RETURNING epoch",
+                &[&revision, &etcd_cluster_id, &holder],
             )
             .await?;
-        if claimed == 1 {
-            return Ok(());
+        if let Some(row) = claimed {
+            return Ok(row.get(0));
         }
         let epoch_current = self.current_epoch().await?.unwrap_or_default();
         Err(Error::Fenced {
-            epoch,
+            epoch: revision,
             epoch_current,
         })
     }

@@ -191,13 +191,13 @@ async fn a_stale_epoch_can_write_nothing() {
         .await
         .unwrap();
 
-    store.claim_epoch(100, "old-leader").await.unwrap();
+    let old_epoch = store.claim_epoch(100, 7, "old-leader").await.unwrap();
     // The old leader is mid-dispatch (think: paused) while a new leader is elected.
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let old_store = store.clone();
     let old_dispatch = tokio::spawn(async move {
         old_store
-            .dispatch_ready(100, LEASE, 10, |tasks| async move {
+            .dispatch_ready(old_epoch, LEASE, 10, |tasks| async move {
                 let _ = released.await;
                 assert_eq!(tasks.len(), 1);
                 Ok::<_, std::io::Error>(())
@@ -206,7 +206,7 @@ async fn a_stale_epoch_can_write_nothing() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let new_store = store.clone();
-    let claim = tokio::spawn(async move { new_store.claim_epoch(101, "new-leader").await });
+    let claim = tokio::spawn(async move { new_store.claim_epoch(101, 7, "new-leader").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !claim.is_finished(),
@@ -218,7 +218,8 @@ async fn a_stale_epoch_can_write_nothing() {
         1,
         "the transaction that held the fence commits"
     );
-    claim.await.unwrap().unwrap();
+    let new_epoch = claim.await.unwrap().unwrap();
+    assert!(new_epoch > old_epoch);
 
     // From now on the old epoch writes nothing, and never reaches the broker.
     store
@@ -228,7 +229,7 @@ async fn a_stale_epoch_can_write_nothing() {
     let published = Arc::new(AtomicBool::new(false));
     let flag = published.clone();
     let result = store
-        .dispatch_ready(100, LEASE, 10, |_tasks| async move {
+        .dispatch_ready(old_epoch, LEASE, 10, |_tasks| async move {
             flag.store(true, Ordering::SeqCst);
             Ok::<_, std::io::Error>(())
         })
@@ -236,10 +237,7 @@ async fn a_stale_epoch_can_write_nothing() {
     assert!(
         matches!(
             result,
-            Err(ward_store::Error::Fenced {
-                epoch: 100,
-                epoch_current: 101
-            })
+            Err(ward_store::Error::Fenced { epoch, epoch_current }) if epoch == old_epoch && epoch_current == new_epoch
         ),
         "{result:?}"
     );
@@ -248,11 +246,11 @@ async fn a_stale_epoch_can_write_nothing() {
         "a fenced leader publishes nothing"
     );
     assert!(matches!(
-        store.claim_epoch(100, "old-leader").await,
+        store.claim_epoch(100, 7, "old-leader").await,
         Err(ward_store::Error::Fenced { .. })
     ));
     assert!(matches!(
-        store.claim_epoch(101, "another").await,
+        store.claim_epoch(101, 7, "another").await,
         Err(ward_store::Error::Fenced { .. })
     ));
     let sql = sandbox.sql().await;
@@ -269,16 +267,30 @@ async fn a_stale_epoch_can_write_nothing() {
     assert_eq!(
         states,
         [
-            ("dispatched".to_owned(), Some(100)),
+            ("dispatched".to_owned(), Some(old_epoch)),
             ("ready".to_owned(), None)
         ]
     );
     assert_eq!(
         store
-            .dispatch_ready(101, LEASE, 10, |_| async { Ok::<_, std::io::Error>(()) })
+            .dispatch_ready(new_epoch, LEASE, 10, |_| async {
+                Ok::<_, std::io::Error>(())
+            })
             .await
             .unwrap(),
         1
     );
+    // etcd rebuilt from scratch: its revisions start over, and its leader
+    // still gets a newer epoch; the old term is fenced.
+    let rebuilt_epoch = store.claim_epoch(3, 8, "after-etcd-rebuild").await.unwrap();
+    assert!(rebuilt_epoch > new_epoch);
+    assert!(matches!(
+        store
+            .dispatch_ready(new_epoch, LEASE, 10, |_| async {
+                Ok::<_, std::io::Error>(())
+            })
+            .await,
+        Err(ward_store::Error::Fenced { .. })
+    ));
     sandbox.teardown().await;
 }
