@@ -24,6 +24,8 @@ const ACTIVE_REFRESH_MS: u64 = 1_000;
 const ACTIVE_REFRESH_MS_MIN: u64 = 20;
 /// Most active tenants tracked per tier.
 const ACTIVE_TENANTS_MAX: i64 = 100_000;
+/// Most newly active tenants looked up one by one per loop; more force a rebuild.
+const NEWLY_ACTIVE_MAX: usize = 64;
 /// Bound on buffered notification payloads.
 const PAYLOADS_MAX: usize = 4_096;
 /// Backoff after a broker or store failure.
@@ -75,10 +77,35 @@ pub async fn run(
                     .ok();
         }
         let mut force_refresh = refresh_pending;
+        let mut newly_active = Vec::new();
         while let Ok(payload) = payloads.try_recv() {
             match payload.parse::<Uuid>() {
-                Ok(tenant_id) => force_refresh |= !active.known.contains(&tenant_id),
+                Ok(tenant_id) if !active.known.contains(&tenant_id) => {
+                    if newly_active.len() < NEWLY_ACTIVE_MAX {
+                        newly_active.push(tenant_id);
+                    } else {
+                        force_refresh = true;
+                    }
+                }
+                Ok(_) => {}
                 Err(_) => force_refresh = true,
+            }
+        }
+        // A tenant that just got ready work joins its tier's set at once (one
+        // indexed read), without waiting for a rebuild.
+        newly_active.sort();
+        newly_active.dedup();
+        for tenant_id in newly_active {
+            match store.active_tenant(tenant_id).await {
+                Ok(Some((tier, tenant))) if !active.known.contains(&tenant_id) => {
+                    active.known.insert(tenant_id);
+                    active.by_tier.entry(tier).or_default().push(tenant);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "look-up of a newly active tenant failed");
+                    force_refresh = true;
+                }
             }
         }
         let due = active.refreshed_at.is_none_or(|at| {

@@ -377,6 +377,32 @@ impl Store {
             .collect())
     }
 
+    /// A tenant's tier and quotas if it is active (for the dispatcher, when
+    /// it learns the tenant has ready work).
+    pub async fn active_tenant(
+        &self,
+        tenant_id: Uuid,
+    ) -> Result<Option<(String, ActiveTenant)>, Error> {
+        let mut client = self.pool.get().await?;
+        let client = scoped(&mut client, Scope::System).await?;
+        let row = client
+            .query_opt(
+                "SELECT tier, inflight_max, dispatch_rate_per_s FROM tenants WHERE id = $1 AND status = 'active'",
+                &[&tenant_id],
+            )
+            .await?;
+        Ok(row.map(|row| {
+            (
+                row.get(0),
+                ActiveTenant {
+                    tenant_id,
+                    inflight_max: row.get(1),
+                    dispatch_rate_per_s: row.get(2),
+                },
+            )
+        }))
+    }
+
     /// Dispatched, unsettled task runs per (tier, tenant).
     pub async fn inflight(&self) -> Result<HashMap<(String, Uuid), i64>, Error> {
         let mut client = self.pool.get().await?;
