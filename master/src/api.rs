@@ -307,6 +307,19 @@ pub(crate) fn parse_json<T: DeserializeOwned>(
     })
 }
 
+/// A JSON answer, or the error as a JSON error body (counted).
+pub(crate) fn respond(state: &AppState, result: Result<serde_json::Value, ApiError>) -> Response {
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(error) => reject(state, error),
+    }
+}
+
+/// 422 `invalid_field` naming `field`.
+pub(crate) fn invalid(field: &str, message: String) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message).field(field)
+}
+
 /// Parses a path id as a UUID, naming the field when it is not one.
 pub(crate) fn parse_id(id: &str, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| {

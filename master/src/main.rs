@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Parser;
 use ward_master::{Config, Master};
 
@@ -33,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let master = Master::start(config).await?;
-    wait_for_signal().await;
+    wait_for_signal().await?;
     tracing::info!("shutting down");
     master.shutdown().await?;
     tracing::info!("stopped");
@@ -51,11 +52,12 @@ fn init_tracing(json: bool) {
     }
 }
 
-async fn wait_for_signal() {
+async fn wait_for_signal() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
+        .context("install the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
+    Ok(())
 }

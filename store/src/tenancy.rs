@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use uuid::Uuid;
 pub use ward_shared::wire::{
     ApplyReport, KeyRecord, Quotas, TenantRecord, TenantSpec, TierSpec, Usage,
@@ -131,25 +130,9 @@ impl Store {
             return Ok(None);
         };
         let tenant_id: Uuid = row.get(0);
-        let (api_key, prefix) = crate::tenants::new_api_key();
-        let key_id = Uuid::now_v7();
-        let created_at: DateTime<Utc> = transaction
-            .query_one(
-                "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4) RETURNING created_at",
-                &[&key_id, &tenant_id, &prefix, &crate::tenants::hash_key(&api_key)],
-            )
-            .await?
-            .get(0);
+        let issued = crate::tenants::issue_key(&transaction, tenant_id).await?;
         transaction.commit().await?;
-        Ok(Some((
-            KeyRecord {
-                id: key_id,
-                prefix,
-                created_at,
-                revoked_at: None,
-            },
-            api_key,
-        )))
+        Ok(Some(issued))
     }
 
     /// A tenant's keys (prefixes only).
@@ -264,13 +247,7 @@ impl Store {
                             ],
                         )
                         .await?;
-                    let (api_key, prefix) = crate::tenants::new_api_key();
-                    transaction
-                        .execute(
-                            "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4)",
-                            &[&Uuid::now_v7(), &tenant_id, &prefix, &crate::tenants::hash_key(&api_key)],
-                        )
-                        .await?;
+                    let (_, api_key) = crate::tenants::issue_key(&transaction, tenant_id).await?;
                     report.tenants_created.push(spec.slug.clone());
                     report.keys.push((spec.slug.clone(), api_key));
                 }

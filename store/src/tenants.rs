@@ -70,13 +70,7 @@ impl Store {
         if inserted == 0 {
             return Err(Error::TenantExists(slug.to_owned()));
         }
-        let (api_key, prefix) = new_api_key();
-        transaction
-            .execute(
-                "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4)",
-                &[&Uuid::now_v7(), &tenant_id, &prefix, &hash_key(&api_key)],
-            )
-            .await?;
+        let (_, api_key) = issue_key(&transaction, tenant_id).await?;
         transaction.commit().await?;
         Ok(TenantWithKey {
             tenant: Tenant {
@@ -117,9 +111,35 @@ impl Store {
     }
 }
 
+/// Issues a key for `tenant_id` in `transaction`: stores its hash and
+/// prefix, returns its record and the key itself (shown once).
+pub(crate) async fn issue_key(
+    transaction: &tokio_postgres::Transaction<'_>,
+    tenant_id: Uuid,
+) -> Result<(crate::KeyRecord, String), Error> {
+    let (api_key, prefix) = new_api_key();
+    let key_id = Uuid::now_v7();
+    let created_at = transaction
+        .query_one(
+            "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4) RETURNING created_at",
+            &[&key_id, &tenant_id, &prefix, &hash_key(&api_key)],
+        )
+        .await?
+        .get(0);
+    Ok((
+        crate::KeyRecord {
+            id: key_id,
+            prefix,
+            created_at,
+            revoked_at: None,
+        },
+        api_key,
+    ))
+}
+
 /// A key looks like `ward_<8 hex prefix>_<32 hex secret>`; the prefix is
 /// stored in clear so an operator can tell keys apart.
-pub(crate) fn new_api_key() -> (String, String) {
+fn new_api_key() -> (String, String) {
     let mut rng = rand::rng();
     let prefix: [u8; 4] = rng.random();
     let secret: [u8; 16] = rng.random();
@@ -127,6 +147,6 @@ pub(crate) fn new_api_key() -> (String, String) {
     (format!("ward_{prefix}_{}", hex::encode(secret)), prefix)
 }
 
-pub(crate) fn hash_key(api_key: &str) -> Vec<u8> {
+fn hash_key(api_key: &str) -> Vec<u8> {
     Sha256::digest(api_key.as_bytes()).to_vec()
 }

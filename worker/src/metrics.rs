@@ -29,6 +29,12 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Builds every metric in a fresh registry.
+    ///
+    /// The `unwrap`s are invariants, not operating errors: constructors fail
+    /// only on an invalid name or label (the names are constants of this file)
+    /// and `register` only on a duplicate in this new, private registry. Every
+    /// test that starts a worker runs this code.
     pub fn new() -> Metrics {
         let metrics = Metrics {
             registry: Registry::new(),

@@ -13,7 +13,9 @@ use serde_json::json;
 use ward_shared::wire::{CompleteExternal, ExtendLock, FailExternal, FetchAndLock};
 use ward_store::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX, Settlement};
 
-use super::{ApiError, AppState, Authenticated, check_name, parse_id, parse_json, reject};
+use super::{
+    ApiError, AppState, Authenticated, check_name, invalid, parse_id, parse_json, reject, respond,
+};
 
 /// Longest long-poll of one fetch-and-lock.
 pub const FETCH_WAIT_MS_MAX: u64 = 30_000;
@@ -189,15 +191,4 @@ fn answer(
         )
         .field("id")),
     }
-}
-
-fn respond(state: &AppState, result: Result<serde_json::Value, ApiError>) -> Response {
-    match result {
-        Ok(body) => Json(body).into_response(),
-        Err(error) => reject(state, error),
-    }
-}
-
-fn invalid(field: &str, message: String) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message).field(field)
 }

@@ -15,7 +15,8 @@ use ward_shared::wire::{CreateTenant, Quotas, TenantCreated, TenantSpec, TierSpe
 use ward_store::{APPLY_TENANTS_MAX, TENANT_PAGE_MAX};
 
 use super::{
-    Admin, ApiError, AppState, Authenticated, check_name, check_slug, parse_id, parse_json, reject,
+    Admin, ApiError, AppState, Authenticated, check_name, check_slug, invalid, parse_id,
+    parse_json, reject, respond,
 };
 
 /// Default page size of the tenant list.
@@ -376,15 +377,4 @@ fn not_found(slug: &str) -> ApiError {
         format!("no tenant `{slug}`"),
     )
     .field("slug")
-}
-
-fn invalid(field: &str, message: String) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message).field(field)
-}
-
-fn respond(state: &AppState, result: Result<serde_json::Value, ApiError>) -> Response {
-    match result {
-        Ok(body) => Json(body).into_response(),
-        Err(error) => reject(state, error),
-    }
 }
