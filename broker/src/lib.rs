@@ -174,13 +174,33 @@ impl Broker {
         prefetch: u16,
         consumer_tag: &str,
     ) -> Result<Inbox, Error> {
+        self.consume_queue(&self.tier_queue(tier), prefetch, consumer_tag)
+            .await
+    }
+
+    /// Starts consuming the dead-letter queue (see `consume`).
+    pub async fn consume_dead_letters(
+        &self,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Inbox, Error> {
+        self.consume_queue(&self.dead_letter_queue(), prefetch, consumer_tag)
+            .await
+    }
+
+    async fn consume_queue(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Inbox, Error> {
         let channel = self.connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
-                self.tier_queue(tier).as_str().into(),
+                queue.into(),
                 consumer_tag.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -318,6 +338,35 @@ impl Delivery {
 
     pub fn redelivered(&self) -> bool {
         self.0.redelivered
+    }
+
+    /// Why the broker dead-lettered this message (`x-first-death-reason`:
+    /// `delivery_limit`, `rejected`, `expired`), if it did.
+    pub fn death_reason(&self) -> Option<String> {
+        match self.header("x-first-death-reason")? {
+            AMQPValue::LongString(value) => Some(value.to_string()),
+            AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// Deliveries the broker counted before this one (`x-delivery-count` of
+    /// a quorum queue), if it said.
+    pub fn delivery_count(&self) -> Option<i64> {
+        match self.header("x-delivery-count")? {
+            AMQPValue::LongLongInt(value) => Some(*value),
+            AMQPValue::LongInt(value) => Some(i64::from(*value)),
+            AMQPValue::LongUInt(value) => Some(i64::from(*value)),
+            AMQPValue::ShortInt(value) => Some(i64::from(*value)),
+            AMQPValue::ShortShortInt(value) => Some(i64::from(*value)),
+            AMQPValue::Timestamp(value) => i64::try_from(*value).ok(),
+            _ => None,
+        }
+    }
+
+    /// A header of the message, when it has one.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.0.properties.headers().as_ref()?.inner().get(name)
     }
 
     /// The work is committed; the broker may forget the message.

@@ -65,6 +65,36 @@ enum Command {
     },
     /// Show the tenant's quotas and current usage.
     Usage,
+    /// Cluster membership and health (admin token).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Dead-lettered tasks: poison tasks past the delivery limit and
+    /// unreadable messages, with the reason.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// The leader and its epoch, registered masters and workers, and each
+    /// tier's workers, ready backlog and in-flight runs.
+    Status {
+        /// Print the JSON answer instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// Newest first: the tenant's (with an API key) or, with the admin
+    /// token, every tenant's or one tenant's (`--tenant`).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +198,64 @@ enum InstanceCommand {
     },
 }
 
+/// `cluster status` as plain-text tables.
+fn cluster_tables(status: &Value) -> String {
+    let text = |value: &Value| match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    match status.get("leader").filter(|leader| !leader.is_null()) {
+        Some(leader) => out.push_str(&format!(
+            "leader: {} (epoch {}, since {})\n",
+            text(&leader["node_id"]),
+            text(&leader["epoch"]),
+            text(&leader["elected_at"])
+        )),
+        None => out.push_str("leader: none\n"),
+    }
+    out.push_str(&format!(
+        "\n{:<8} {:<28} {:<22} {:<24} {:>8}  {}\n",
+        "ROLE", "NODE", "HTTP", "TIERS", "PID", "STARTED"
+    ));
+    for role in ["masters", "workers"] {
+        for member in status[role].as_array().into_iter().flatten() {
+            let tiers = member["tiers"]
+                .as_array()
+                .map(|tiers| tiers.iter().map(text).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{:<8} {:<28} {:<22} {:<24} {:>8}  {}\n",
+                text(&member["role"]),
+                text(&member["node_id"]),
+                text(&member["http_addr"]),
+                if tiers.is_empty() {
+                    "-".to_owned()
+                } else {
+                    tiers
+                },
+                text(&member["pid"]),
+                text(&member["started_at"])
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\n{:<12} {:>8} {:>10} {:>10}\n",
+        "TIER", "WORKERS", "READY", "IN_FLIGHT"
+    ));
+    for tier in status["tiers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<12} {:>8} {:>10} {:>10}\n",
+            text(&tier["tier"]),
+            text(&tier["workers"]),
+            text(&tier["ready"]),
+            text(&tier["in_flight"])
+        ));
+    }
+    out
+}
+
 /// Poll interval of `instance start --wait`.
 const WAIT_POLL_MS: u64 = 50;
 
@@ -175,6 +263,7 @@ const WAIT_POLL_MS: u64 = 50;
 async fn main() {
     let args = Args::parse();
     match run(args).await {
+        Ok(Value::Null) => {}
         Ok(output) => println!(
             "{}",
             serde_json::to_string_pretty(&output).unwrap_or_default()
@@ -303,6 +392,41 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             .await
         }
         Command::Usage => client.get(&tenant_key()?, "/v1/usage").await,
+        Command::Cluster(ClusterCommand::Status { json }) => {
+            let token = args
+                .admin_token
+                .clone()
+                .context("the admin token is needed: --admin-token or WARD_ADMIN_TOKEN")?;
+            let status = client.get(&token, "/v1/admin/cluster").await?;
+            if json {
+                return Ok(status);
+            }
+            print!("{}", cluster_tables(&status));
+            Ok(Value::Null)
+        }
+        Command::DeadLetters(DeadLetterCommand::List { tenant, limit }) => {
+            match (&args.admin_token, &args.api_key) {
+                (Some(token), _) => {
+                    let mut path = format!("/v1/admin/dead-letters?limit={limit}");
+                    if let Some(tenant) = tenant {
+                        path.push_str(&format!("&tenant={tenant}"));
+                    }
+                    client.get(token, &path).await
+                }
+                (None, Some(key)) => {
+                    anyhow::ensure!(
+                        tenant.is_none(),
+                        "--tenant needs the admin token; an API key lists its own tenant's"
+                    );
+                    client
+                        .get(key, &format!("/v1/dead-letters?limit={limit}"))
+                        .await
+                }
+                (None, None) => {
+                    bail!("an API key (--api-key) or the admin token (--admin-token) is needed")
+                }
+            }
+        }
         Command::Instance(InstanceCommand::Show { id }) => {
             client
                 .get(&tenant_key()?, &format!("/v1/instances/{id}"))

@@ -21,6 +21,7 @@ use ward_store::{Store, Tenant};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+mod cluster;
 mod external;
 mod instances;
 mod schedules;
@@ -59,6 +60,9 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(tenancy::revoke_key),
         )
         .route("/v1/admin/tiers", get(tenancy::tiers))
+        .route("/v1/admin/cluster", get(cluster::status))
+        .route("/v1/admin/dead-letters", get(cluster::admin_dead_letters))
+        .route("/v1/dead-letters", get(cluster::dead_letters))
         .route("/v1/admin/apply", post(tenancy::apply))
         .route("/v1/usage", get(tenancy::usage))
         .route("/v1/definitions", post(publish_definition))

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use ward_shared::settings::{Amqp, Database, default_tiers};
+use ward_shared::settings::{Amqp, Database, Etcd, default_tiers};
 
 /// Everything a master needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,18 +28,6 @@ pub struct Config {
     pub shutdown_deadline_ms: u64,
     /// Logs as JSON lines instead of text.
     pub log_json: bool,
-}
-
-/// `[etcd]`: leader election.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Etcd {
-    pub endpoints: Vec<String>,
-    /// Key prefix of the election (one per test; `/ward` in production).
-    pub prefix: String,
-    /// Leader lease time to live; a standby takes over within about this.
-    pub lease_ttl_s: i64,
-    pub connect_timeout_ms: u64,
 }
 
 /// `[dispatch]`: how the leader moves ready tasks to the queues.
@@ -77,17 +65,6 @@ impl Default for Config {
             payload_bytes_max: 256 * 1024,
             shutdown_deadline_ms: 10_000,
             log_json: false,
-        }
-    }
-}
-
-impl Default for Etcd {
-    fn default() -> Self {
-        Etcd {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: "/ward".into(),
-            lease_ttl_s: 5,
-            connect_timeout_ms: 2_000,
         }
     }
 }

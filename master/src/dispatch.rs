@@ -365,7 +365,10 @@ fn lease(config: &Config) -> ward_store::Lease {
     }
 }
 
-async fn connect_broker(settings: &ward_broker::Settings, tiers: &[String]) -> Option<Broker> {
+pub(crate) async fn connect_broker(
+    settings: &ward_broker::Settings,
+    tiers: &[String],
+) -> Option<Broker> {
     let broker = match Broker::connect(settings).await {
         Ok(broker) => broker,
         Err(error) => {

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dead_letters;
 pub mod dispatch;
 pub mod election;
 pub mod fairness;
@@ -70,6 +71,32 @@ impl Master {
                 tracing::error!(%error, "http server failed");
             }
         });
+        tracker.spawn(ward_membership::register(
+            config.etcd.clone(),
+            ward_shared::wire::MemberRecord {
+                role: "master".into(),
+                node_id: config.node_id.clone(),
+                tiers: Vec::new(),
+                http_addr: http_addr.to_string(),
+                host: ward_membership::host_name(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: chrono::Utc::now(),
+            },
+            shutdown.clone(),
+        ));
+        tracker.spawn(count_workers(
+            config.clone(),
+            metrics.clone(),
+            leader_rx.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(dead_letters::run(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
         tracker.spawn(election::run(
             config.clone(),
             store,
@@ -100,6 +127,42 @@ impl Master {
     /// True while this master is the leader.
     pub fn is_leader(&self) -> bool {
         self.leader.borrow().is_some()
+    }
+}
+
+/// While leading, refreshes `ward_workers_registered` per tier from the
+/// member registry (a worker counts for every tier it consumes).
+async fn count_workers(
+    config: Arc<Config>,
+    metrics: metrics::Metrics,
+    leader: watch::Receiver<Option<i64>>,
+    shutdown: CancellationToken,
+) {
+    const REFRESH_MS: u64 = 2_000;
+    while !shutdown.is_cancelled() {
+        if leader.borrow().is_some() {
+            match ward_membership::list(&config.etcd).await {
+                Ok(members) => {
+                    for tier in &config.tiers {
+                        let count = members
+                            .iter()
+                            .filter(|member| member.role == "worker" && member.tiers.contains(tier))
+                            .count();
+                        metrics
+                            .workers_registered
+                            .with_label_values(&[tier.as_str()])
+                            .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    }
+                }
+                Err(error) => tracing::debug!(error = format!("{error:#}"), "count workers"),
+            }
+        } else {
+            metrics.workers_registered.reset();
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(REFRESH_MS)) => {}
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! (tier, outcome), never tenant or instance ids.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub const INSTANCES_STARTED_TOTAL: &str = "ward_instances_started_total";
@@ -24,6 +25,19 @@ pub const LOCKS_EXPIRED_TOTAL: &str = "ward_external_locks_expired_total";
 pub const TASKS_IN_FLIGHT: &str = "ward_tasks_in_flight";
 pub const LEASES_EXPIRED_TOTAL: &str = "ward_task_leases_expired_total";
 pub const TENANT_THROTTLED_TOTAL: &str = "ward_tenant_throttled_total";
+pub const TASKS_DEAD_LETTERED_TOTAL: &str = "ward_tasks_dead_lettered_total";
+pub const WORKERS_REGISTERED: &str = "ward_workers_registered";
+pub const WORKERS_DESIRED: &str = "ward_workers_desired";
+pub const INSTANCES_FINISHED_TOTAL: &str = "ward_instances_finished_total";
+pub const STORE_TRANSACTION_SECONDS: &str = "ward_store_transaction_seconds";
+pub const PUBLISH_CONFIRM_SECONDS: &str = "ward_publish_confirm_seconds";
+
+/// Dead-letter reasons (the `reason` label of `ward_tasks_dead_lettered_total`).
+pub const DEAD_LETTER_REASONS: [&str; 4] = ["delivery_limit", "rejected", "expired", "other"];
+/// Store operations timed by `ward_store_transaction_seconds`.
+pub const STORE_OPS: [&str; 4] = ["start_instance", "dispatch", "timers", "dead_letter"];
+/// Instance end states (the `status` label of `ward_instances_finished_total`).
+pub const INSTANCE_END_STATES: [&str; 3] = ["completed", "failed", "cancelled"];
 
 /// The master's metrics, registered in its own registry (so several masters
 /// can run in one test process).
@@ -57,6 +71,18 @@ pub struct Metrics {
     /// work was held back by its quota.
     pub tenant_throttled_total: IntCounterVec,
     pub leases_expired_total: IntCounter,
+    /// By `reason`: delivery_limit, rejected, expired, other.
+    pub tasks_dead_lettered_total: IntCounterVec,
+    /// By `tier`: workers registered in etcd that consume the tier; refreshed by the leader.
+    pub workers_registered: IntGaugeVec,
+    /// By `tier`: workers needed to keep schedule-to-start under target; set by the leader.
+    pub workers_desired: IntGaugeVec,
+    /// By `status`: instances this master ended (cancelled, dead-lettered).
+    pub instances_finished_total: IntCounterVec,
+    /// By `op`: store transactions of this master.
+    pub store_transaction_seconds: HistogramVec,
+    /// Time from publishing a batch to the broker confirming all of it.
+    pub publish_confirm_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,8 +208,74 @@ impl Metrics {
                 "Dispatched task runs failed by the leader because their lease expired (lost or hung worker).",
             )
             .unwrap(),
+            tasks_dead_lettered_total: IntCounterVec::new(
+                Opts::new(
+                    TASKS_DEAD_LETTERED_TOTAL,
+                    "Task messages recorded in the dead-letter table, by reason.",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            workers_registered: IntGaugeVec::new(
+                Opts::new(
+                    WORKERS_REGISTERED,
+                    "Workers registered in etcd that consume a tier, by tier (leader only).",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            workers_desired: IntGaugeVec::new(
+                Opts::new(
+                    WORKERS_DESIRED,
+                    "Workers needed to keep schedule-to-start under target, by tier (leader only).",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            instances_finished_total: IntCounterVec::new(
+                Opts::new(
+                    INSTANCES_FINISHED_TOTAL,
+                    "Instances that reached an end state in this process, by status.",
+                ),
+                &["status"],
+            )
+            .unwrap(),
+            store_transaction_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    STORE_TRANSACTION_SECONDS,
+                    "Duration of store transactions, by operation.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["op"],
+            )
+            .unwrap(),
+            publish_confirm_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    PUBLISH_CONFIRM_SECONDS,
+                    "Time from publishing a dispatch batch to the broker confirming all of it.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )
+            .unwrap(),
             registry,
         };
+        for reason in DEAD_LETTER_REASONS {
+            metrics
+                .tasks_dead_lettered_total
+                .with_label_values(&[reason]);
+        }
+        for op in STORE_OPS {
+            metrics.store_transaction_seconds.with_label_values(&[op]);
+        }
+        for status in INSTANCE_END_STATES {
+            metrics
+                .instances_finished_total
+                .with_label_values(&[status]);
+        }
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.instances_started_total.clone()),
             Box::new(metrics.definitions_published_total.clone()),
@@ -204,6 +296,12 @@ impl Metrics {
             Box::new(metrics.tasks_in_flight.clone()),
             Box::new(metrics.tenant_throttled_total.clone()),
             Box::new(metrics.leases_expired_total.clone()),
+            Box::new(metrics.tasks_dead_lettered_total.clone()),
+            Box::new(metrics.workers_registered.clone()),
+            Box::new(metrics.workers_desired.clone()),
+            Box::new(metrics.instances_finished_total.clone()),
+            Box::new(metrics.store_transaction_seconds.clone()),
+            Box::new(metrics.publish_confirm_seconds.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).unwrap();

@@ -53,6 +53,31 @@ impl Default for Amqp {
     }
 }
 
+/// `[etcd]`: leader election and cluster membership.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Etcd {
+    pub endpoints: Vec<String>,
+    /// Key prefix of the election and of the member registry (one per test;
+    /// `/ward` in production).
+    pub prefix: String,
+    /// Lease time to live of the leader and of each member's registration: a
+    /// standby takes over, and a lost member disappears, within about this.
+    pub lease_ttl_s: i64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Etcd {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/ward".into(),
+            lease_ttl_s: 5,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
 /// The default tiers, each with its own queue.
 pub fn default_tiers() -> Vec<String> {
     vec!["gold".into(), "silver".into(), "bronze".into()]

@@ -420,3 +420,75 @@ pub mod status {
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";
 }
+
+/// A message that could not be processed, as recorded in the dead-letter table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub id: Uuid,
+    pub tenant_id: Option<Uuid>,
+    pub instance_id: Option<Uuid>,
+    pub task_run_id: Option<Uuid>,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub tier: Option<String>,
+    /// `delivery_limit` (the message crashed or stalled its workers too
+    /// often), `rejected` (a worker could not read it) or the broker's reason.
+    pub reason: String,
+    /// Deliveries the broker counted before giving up, when it said.
+    pub deliveries: Option<i64>,
+    pub detail: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/dead-letters` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetterPage {
+    pub dead_letters: Vec<DeadLetterRecord>,
+}
+
+/// A process registered in etcd under the cluster's prefix, with a lease: it
+/// disappears within the lease TTL after the process is lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// `master` or `worker`.
+    pub role: String,
+    pub node_id: String,
+    /// Tiers a worker consumes (empty for a master).
+    #[serde(default)]
+    pub tiers: Vec<String>,
+    /// Address of its HTTP endpoints (API or metrics).
+    pub http_addr: String,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// The current leader, from the store's epoch record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    pub node_id: String,
+    pub epoch: i64,
+    pub elected_at: DateTime<Utc>,
+}
+
+/// One tier's capacity in `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TierStatus {
+    pub tier: String,
+    /// Workers registered that consume the tier.
+    pub workers: i64,
+    /// Ready task runs waiting in the store.
+    pub ready: i64,
+    /// Dispatched, not yet settled.
+    pub in_flight: i64,
+}
+
+/// `GET /v1/cluster` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<LeaderRecord>,
+    pub masters: Vec<MemberRecord>,
+    pub workers: Vec<MemberRecord>,
+    pub tiers: Vec<TierStatus>,
+}

@@ -36,8 +36,9 @@ impl Store {
         etcd_cluster_id: i64,
         holder: &str,
     ) -> Result<i64, Error> {
-        let client = self.pool.get().await?;
-        let claimed = client
+        let mut client = self.pool.get().await?;
+        let transaction = client.transaction().await?;
+        let claimed = transaction
             .query_opt(
                 "INSERT INTO leader_epoch (id, epoch, holder, elected_at, etcd_cluster_id, etcd_revision) \
                  VALUES (1, 1, $3, now(), $2, $1) \
@@ -50,13 +51,41 @@ impl Store {
             )
             .await?;
         if let Some(row) = claimed {
-            return Ok(row.get(0));
+            let epoch: i64 = row.get(0);
+            // Read the clock after the epoch row is locked: every write fenced
+            // by an older epoch committed before this instant.
+            transaction
+                .execute(
+                    "INSERT INTO leader_terms (epoch, holder, etcd_cluster_id, etcd_revision, claimed_at) \
+                     VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (epoch) DO NOTHING",
+                    &[&epoch, &holder, &etcd_cluster_id, &revision],
+                )
+                .await?;
+            transaction.commit().await?;
+            return Ok(epoch);
         }
+        drop(transaction);
         let epoch_current = self.current_epoch().await?.unwrap_or_default();
         Err(Error::Fenced {
             epoch: revision,
             epoch_current,
         })
+    }
+
+    /// The current leadership term (holder, epoch, when), if one was ever claimed.
+    pub async fn leader(&self) -> Result<Option<ward_shared::wire::LeaderRecord>, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT holder, epoch, elected_at FROM leader_epoch WHERE id = 1",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|row| ward_shared::wire::LeaderRecord {
+            node_id: row.get(0),
+            epoch: row.get(1),
+            elected_at: row.get(2),
+        }))
     }
 
     /// The epoch of the current leadership term, if one was ever claimed.

@@ -3,6 +3,7 @@
 //! Postgres is the source of truth. Every function here runs its statements in
 //! one transaction and filters every tenant-owned row by `tenant_id`.
 
+mod dead_letters;
 mod dispatch;
 mod listen;
 mod progress;
@@ -15,6 +16,9 @@ mod workflow;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+pub use dead_letters::{
+    DEAD_LETTER_BODY_BYTES_MAX, DEAD_LETTER_PAGE_MAX, DeadLetter, DeadLetterOutcome,
+};
 pub use dispatch::{Lease, Pick, ReadyTask};
 pub use listen::Listener;
 pub use progress::{Completion, DEPTH_MAX, Settlement};

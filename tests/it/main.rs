@@ -10,6 +10,7 @@ mod execution;
 mod external;
 mod isolation;
 mod leases;
+mod membership;
 mod sandbox;
 mod schedules;
 mod shutdown;

@@ -107,6 +107,9 @@ impl Sandbox {
         config.database.pool_size_max = 4;
         config.amqp.url = amqp_url();
         config.amqp.queue_prefix = self.queue_prefix();
+        config.etcd.endpoints = etcd_endpoints();
+        config.etcd.prefix = self.etcd_prefix();
+        config.etcd.lease_ttl_s = LEASE_TTL_S;
         config
     }
 

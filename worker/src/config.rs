@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use ward_shared::settings::{Amqp, Database, default_tiers};
+use ward_shared::settings::{Amqp, Database, Etcd, default_tiers};
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +18,8 @@ pub struct Config {
     pub tiers: Vec<String>,
     pub database: Database,
     pub amqp: Amqp,
+    /// Where the worker registers itself (`wardctl cluster status`).
+    pub etcd: Etcd,
     /// Most unacked deliveries per tier queue (and so concurrent tasks).
     pub prefetch: u16,
     /// Bound on one handler run.
@@ -32,6 +34,12 @@ pub struct Config {
     /// then are handed back to the queue.
     pub shutdown_deadline_ms: u64,
     pub log_json: bool,
+    /// Adds the fault-injection handlers `crash` (aborts the process) and
+    /// `ledger` (appends each execution to `ledger_path`). For fault
+    /// experiments only: never on a production worker.
+    pub fault_handlers: bool,
+    /// The ledger file of the `ledger` handler.
+    pub ledger_path: Option<String>,
 }
 
 impl Default for Config {
@@ -42,6 +50,7 @@ impl Default for Config {
             tiers: default_tiers(),
             database: Database::default(),
             amqp: Amqp::default(),
+            etcd: Etcd::default(),
             prefetch: 32,
             handler_timeout_ms: 30_000,
             commit_attempts_max: 5,
@@ -49,6 +58,8 @@ impl Default for Config {
             heartbeat_lease_ms: 30_000,
             shutdown_deadline_ms: 10_000,
             log_json: false,
+            fault_handlers: false,
+            ledger_path: None,
         }
     }
 }
@@ -68,6 +79,7 @@ impl Config {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("tiers")
+                    .with_list_parse_key("etcd.endpoints")
                     .try_parsing(true),
             )
             .build()

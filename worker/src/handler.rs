@@ -164,6 +164,45 @@ impl Registry {
             })
     }
 
+    /// Adds the fault-injection handlers, for fault experiments only:
+    /// `crash` kills the worker process at once (a poison task), and `ledger`
+    /// appends `idempotency_key<TAB>attempt<TAB>pid` to `ledger_path` before
+    /// it sleeps `sleep_ms` (so every execution is counted, even one whose
+    /// worker is killed before it commits).
+    pub fn with_fault_handlers(self, ledger_path: Option<std::path::PathBuf>) -> Registry {
+        let ledger_path = ledger_path.map(Arc::new);
+        self.with("crash", |task: Task| async move {
+            tracing::error!(task_run_id = %task.task_run_id, "crash handler: killing the worker");
+            // Dies at once without acking, like a segfault (exit rather
+            // than abort, so no core file is left behind).
+            std::process::exit(70)
+        })
+        .with("ledger", move |task: Task| {
+            let ledger_path = ledger_path.clone();
+            async move {
+                if let Some(path) = ledger_path {
+                    let line = format!(
+                        "{}\t{}\t{}\n",
+                        task.idempotency_key,
+                        task.attempt,
+                        std::process::id()
+                    );
+                    append_line(&path, &line).map_err(|error| {
+                        Failure::new(format!("ledger {}: {error}", path.display()))
+                    })?;
+                }
+                let sleep_ms = task
+                    .input
+                    .get("sleep_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    .min(SLEEP_MS_MAX);
+                tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                Ok(json!({ "ledger": task.idempotency_key, "attempt": task.attempt }))
+            }
+        })
+    }
+
     /// Adds (or replaces) a handler.
     pub fn with(mut self, name: &str, handler: impl Handler) -> Registry {
         self.handlers.insert(name.to_owned(), Arc::new(handler));
@@ -173,6 +212,18 @@ impl Registry {
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.handlers.get(name).cloned()
     }
+}
+
+/// Appends one line with a single write (atomic for short lines under
+/// O_APPEND, so several workers can share the file).
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    file.write_all(line.as_bytes())?;
+    file.sync_data()
 }
 
 /// A simplified early-warning score from heart rate, respiratory rate and

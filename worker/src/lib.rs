@@ -73,6 +73,20 @@ impl Worker {
                 tracing::error!(%error, "http server failed");
             }
         });
+        tracker.spawn(ward_membership::register(
+            config.etcd.clone(),
+            ward_shared::wire::MemberRecord {
+                role: "worker".into(),
+                node_id: config.node_id.clone(),
+                tiers: config.tiers.clone(),
+                http_addr: http_addr.to_string(),
+                host: ward_membership::host_name(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: chrono::Utc::now(),
+            },
+            shutdown.clone(),
+        ));
         tracker.spawn(consume::run(consume::Context {
             config: config.clone(),
             registry: Arc::new(registry),

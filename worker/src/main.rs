@@ -26,7 +26,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let worker = Worker::start(config, Registry::builtin()).await?;
+    let mut registry = Registry::builtin();
+    if config.fault_handlers {
+        tracing::warn!("fault-injection handlers `crash` and `ledger` are enabled");
+        registry = registry.with_fault_handlers(config.ledger_path.as_ref().map(PathBuf::from));
+    }
+    let worker = Worker::start(config, registry).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -370,7 +370,7 @@ fn check_quotas(quotas: &Quotas, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn not_found(slug: &str) -> ApiError {
+pub(crate) fn not_found(slug: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "tenant_not_found",

@@ -1,0 +1,151 @@
+//! Cluster membership in etcd: each master and worker keeps a key under
+//! `{prefix}/members/{role}/{node_id}` bound to a lease it renews, so a lost
+//! process disappears within the lease TTL; anyone can list the members.
+//! Registration is best effort: a process keeps working while etcd is away
+//! and registers again when it is back.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use tokio_util::sync::CancellationToken;
+use ward_shared::settings::Etcd;
+use ward_shared::wire::MemberRecord;
+
+/// Backoff bounds between registration attempts.
+const RETRY_DELAY_MS_MIN: u64 = 200;
+const RETRY_DELAY_MS_MAX: u64 = 5_000;
+/// Bound on the revoke at shutdown.
+const REVOKE_TIMEOUT_MS: u64 = 1_000;
+/// Most members one listing reads.
+pub const MEMBERS_MAX: i64 = 10_000;
+
+/// The key prefix of all members.
+fn members_prefix(settings: &Etcd) -> String {
+    format!("{}/members/", settings.prefix)
+}
+
+async fn connect(settings: &Etcd) -> anyhow::Result<Client> {
+    let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    let options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+    tokio::time::timeout(timeout, Client::connect(&settings.endpoints, Some(options)))
+        .await
+        .context("connect to etcd: timed out")?
+        .context("connect to etcd")
+}
+
+/// Keeps `member` registered until `shutdown`, then removes it.
+pub async fn register(settings: Etcd, member: MemberRecord, shutdown: CancellationToken) {
+    let mut retry_delay_ms = RETRY_DELAY_MS_MIN;
+    while !shutdown.is_cancelled() {
+        match hold(&settings, &member, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    retry_delay_ms,
+                    "membership registration lost; registering again"
+                );
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(retry_delay_ms)) => {}
+        }
+        retry_delay_ms = (retry_delay_ms * 2).min(RETRY_DELAY_MS_MAX);
+    }
+}
+
+/// One registration: lease, put, renew until shutdown (Ok) or failure (Err).
+async fn hold(
+    settings: &Etcd,
+    member: &MemberRecord,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut client = connect(settings).await?;
+    let ttl = Duration::from_secs(settings.lease_ttl_s.unsigned_abs().max(1));
+    let lease_id = tokio::time::timeout(ttl, client.lease_grant(settings.lease_ttl_s, None))
+        .await
+        .context("grant lease: timed out")?
+        .context("grant lease")?
+        .id();
+    let key = format!(
+        "{}{}/{}",
+        members_prefix(settings),
+        member.role,
+        member.node_id
+    );
+    let value = serde_json::to_vec(member)?;
+    tokio::time::timeout(
+        ttl,
+        client.put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease_id)),
+        ),
+    )
+    .await
+    .context("register: timed out")?
+    .context("register")?;
+    tracing::debug!(key, lease_id, "registered in etcd");
+    let interval = ttl / 3;
+    let (mut keeper, mut responses) =
+        tokio::time::timeout(interval, client.lease_keep_alive(lease_id))
+            .await
+            .context("keep-alive: timed out")?
+            .context("keep-alive")?;
+    let result = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            () = tokio::time::sleep(interval) => {}
+        }
+        let renewal = tokio::time::timeout(interval, async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        })
+        .await;
+        match renewal {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => {}
+            Ok(Ok(Some(_))) => break Err(anyhow::anyhow!("lease expired")),
+            Ok(Ok(None)) => break Err(anyhow::anyhow!("keep-alive stream closed")),
+            Ok(Err(error)) => break Err(error.into()),
+            Err(_) => break Err(anyhow::anyhow!("keep-alive timed out")),
+        }
+    };
+    // Leaving (or giving up on this lease): remove the key at once.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(REVOKE_TIMEOUT_MS),
+        client.lease_revoke(lease_id),
+    )
+    .await;
+    result
+}
+
+/// Every registered member, masters first, each sorted by node id.
+pub async fn list(settings: &Etcd) -> anyhow::Result<Vec<MemberRecord>> {
+    let mut client = connect(settings).await?;
+    let response = client
+        .get(
+            members_prefix(settings),
+            Some(GetOptions::new().with_prefix().with_limit(MEMBERS_MAX)),
+        )
+        .await
+        .context("list members")?;
+    let mut members: Vec<MemberRecord> = response
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    members.sort_by(|a, b| (&a.role, &a.node_id).cmp(&(&b.role, &b.node_id)));
+    Ok(members)
+}
+
+/// This machine's host name (for member records).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
