@@ -342,13 +342,17 @@ impl Cluster {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-async fn wait_ready(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(response) = http.get(url).send().await {
@@ -402,6 +406,7 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
 pub struct PrivatePostgres {
     dir: PathBuf,
     bin: PathBuf,
+    options: String,
     pub url: String,
 }
 
@@ -426,6 +431,7 @@ impl PrivatePostgres {
                 .arg("postgres")
                 .arg("--")
                 .args(args)
+                .stdout(Stdio::null())
                 .status()
         };
         let status = std::process::Command::new("chown")
@@ -448,26 +454,57 @@ impl PrivatePostgres {
             "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={max_connections} -c shared_buffers=256MB -c fsync=on",
             dir.display()
         );
-        let pg_ctl = bin.join("pg_ctl");
-        let log = dir.join("log");
-        let status = run_as_postgres(&[
-            pg_ctl.to_str().unwrap_or_default(),
-            "-D",
-            data.to_str().unwrap_or_default(),
-            "-l",
-            log.to_str().unwrap_or_default(),
-            "-o",
-            &options,
-            "-w",
-            "start",
-        ])?;
+        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let postgres = PrivatePostgres {
+            dir,
+            bin,
+            options,
+            url,
+        };
+        postgres.resume()?;
+        Ok(postgres)
+    }
+
+    /// Starts the server on its existing data folder (after `halt`).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(&pg_ctl)
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .arg("-o")
+            .arg(&self.options)
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()?;
         anyhow::ensure!(
             status.success(),
             "pg_ctl start failed; see {}",
             log.display()
         );
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        Ok(PrivatePostgres { dir, bin, url })
+        Ok(())
+    }
+
+    /// Stops the server at once, like a crash (`-m immediate`: no
+    /// checkpoint; the next start replays the WAL). Keeps the data.
+    pub fn halt(&self) -> anyhow::Result<()> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let data = self.dir.join("data");
+        let status = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(&pg_ctl)
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "pg_ctl stop failed");
+        Ok(())
     }
 
     pub fn stop(&self) {
@@ -485,6 +522,7 @@ impl PrivatePostgres {
                 "fast",
                 "stop",
             ])
+            .stdout(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -2,6 +2,7 @@
 //! the multi-tenancy scenarios against the local services with release
 //! binaries and writes JSON and Markdown under `bench/results/`.
 
+mod chaos;
 mod cluster;
 mod load;
 mod tenancy;
@@ -46,6 +47,26 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The fault harness: own Postgres, RabbitMQ and etcd, 3 masters and 3
+    /// workers, a steady workload, faults; checks nothing was lost,
+    /// duplicated or stuck and prints failover and recovery figures. Exits
+    /// non-zero when a check fails.
+    Chaos {
+        /// Each fault kind once, then drain (a few minutes; run in CI).
+        #[arg(long)]
+        quick: bool,
+        /// Soak length: faults are injected for this long.
+        #[arg(long, default_value_t = 600)]
+        duration_s: u64,
+        /// Soak: seconds between faults, a range `MIN..MAX`.
+        #[arg(long, default_value = "10..30")]
+        fault_every_s: String,
+        /// Instances submitted per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate_per_s: f64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
     Tenancy {
@@ -78,6 +99,29 @@ async fn main() -> anyhow::Result<()> {
         bin_dir,
     };
     match args.command {
+        Command::Chaos {
+            quick,
+            duration_s,
+            fault_every_s,
+            rate_per_s,
+            seed,
+        } => {
+            let (low, high) = fault_every_s
+                .split_once("..")
+                .and_then(|(low, high)| Some((low.parse().ok()?, high.parse().ok()?)))
+                .filter(|(low, high): &(u64, u64)| *low >= 1 && low <= high)
+                .context("--fault-every-s: expected MIN..MAX seconds, for example 10..30")?;
+            chaos::run(chaos::Options {
+                quick,
+                duration_s,
+                fault_every_s: (low, high),
+                rate_per_s,
+                seed,
+                bin_dir: services.bin_dir.clone(),
+                out: args.out.clone(),
+            })
+            .await?;
+        }
         Command::Tenancy { quick, seed, only } => {
             let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
             let sizes = if quick {

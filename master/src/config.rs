@@ -22,6 +22,7 @@ pub struct Config {
     pub amqp: Amqp,
     pub etcd: Etcd,
     pub dispatch: Dispatch,
+    pub autoscale: crate::autoscale::Autoscale,
     /// Largest request body accepted, in bytes.
     pub payload_bytes_max: usize,
     /// Bound on draining in-flight work at shutdown.
@@ -62,6 +63,7 @@ impl Default for Config {
             amqp: Amqp::default(),
             etcd: Etcd::default(),
             dispatch: Dispatch::default(),
+            autoscale: crate::autoscale::Autoscale::default(),
             payload_bytes_max: 256 * 1024,
             shutdown_deadline_ms: 10_000,
             log_json: false,

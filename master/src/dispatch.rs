@@ -314,14 +314,17 @@ async fn round(
     let started_at = Instant::now();
     let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
     let dispatched_total = &metrics.tasks_dispatched_total;
+    let confirm_seconds = &metrics.publish_confirm_seconds;
     let dispatched = store
         .dispatch_picks(epoch, lease(config), &picks, |tasks| async move {
             let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
                 .iter()
                 .map(|task| (task.tier.as_str(), &task.message))
                 .collect();
+            let publish_started = Instant::now();
             match tokio::time::timeout(publish_timeout, broker.publish(&messages)).await {
                 Ok(Ok(())) => {
+                    confirm_seconds.observe(publish_started.elapsed().as_secs_f64());
                     for task in &tasks {
                         dispatched_total
                             .with_label_values(&[task.tier.as_str()])
@@ -336,6 +339,10 @@ async fn round(
         .await?;
     metrics
         .dispatch_batch_seconds
+        .observe(started_at.elapsed().as_secs_f64());
+    metrics
+        .store_transaction_seconds
+        .with_label_values(&["dispatch"])
         .observe(started_at.elapsed().as_secs_f64());
     // A tenant that got fewer than it was offered ran out of ready work.
     for pick in &picks {

@@ -2,6 +2,7 @@
 //! leader only, runs the singleton loops (dispatch).
 
 pub mod api;
+pub mod autoscale;
 pub mod config;
 pub mod dead_letters;
 pub mod dispatch;
@@ -41,6 +42,7 @@ impl Master {
         ward_store::migrate(&db_settings).await.context("migrate")?;
         let store = ward_store::Store::connect(&db_settings).context("connect store")?;
         let metrics = metrics::Metrics::new();
+        metrics.init_tiers(&config.tiers);
         let (leader_tx, leader_rx) = watch::channel(None);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -87,6 +89,7 @@ impl Master {
         ));
         tracker.spawn(count_workers(
             config.clone(),
+            store.clone(),
             metrics.clone(),
             leader_rx.clone(),
             shutdown.clone(),
@@ -131,16 +134,61 @@ impl Master {
 }
 
 /// While leading, refreshes `ward_workers_registered` per tier from the
-/// member registry (a worker counts for every tier it consumes).
+/// member registry (a worker counts for every tier it consumes) and
+/// `ward_workers_desired` per tier from the tier's load.
 async fn count_workers(
     config: Arc<Config>,
+    store: ward_store::Store,
     metrics: metrics::Metrics,
     leader: watch::Receiver<Option<i64>>,
     shutdown: CancellationToken,
 ) {
     const REFRESH_MS: u64 = 2_000;
+    let mut dispatched_before: Option<(std::time::Instant, Vec<u64>)> = None;
     while !shutdown.is_cancelled() {
         if leader.borrow().is_some() {
+            let now = std::time::Instant::now();
+            let dispatched: Vec<u64> = config
+                .tiers
+                .iter()
+                .map(|tier| {
+                    metrics
+                        .tasks_dispatched_total
+                        .with_label_values(&[tier.as_str()])
+                        .get()
+                })
+                .collect();
+            if let (Ok(backlog), Ok(inflight)) =
+                (store.ready_backlog().await, store.inflight().await)
+            {
+                for (index, tier) in config.tiers.iter().enumerate() {
+                    let rate = match &dispatched_before {
+                        Some((at, before)) => {
+                            let seconds = now.duration_since(*at).as_secs_f64().max(0.001);
+                            dispatched[index].saturating_sub(before[index]) as f64 / seconds
+                        }
+                        None => 0.0,
+                    };
+                    let load = autoscale::TierLoad {
+                        ready: backlog
+                            .iter()
+                            .filter(|(name, _)| name == tier)
+                            .map(|(_, count)| *count)
+                            .sum(),
+                        in_flight: inflight
+                            .iter()
+                            .filter(|((name, _), _)| name == tier)
+                            .map(|(_, count)| *count)
+                            .sum(),
+                        dispatch_rate_per_s: rate,
+                    };
+                    metrics
+                        .workers_desired
+                        .with_label_values(&[tier.as_str()])
+                        .set(autoscale::desired_workers(load, &config.autoscale));
+                }
+            }
+            dispatched_before = Some((now, dispatched));
             match ward_membership::list(&config.etcd).await {
                 Ok(members) => {
                     for tier in &config.tiers {
@@ -157,7 +205,7 @@ async fn count_workers(
                 Err(error) => tracing::debug!(error = format!("{error:#}"), "count workers"),
             }
         } else {
-            metrics.workers_registered.reset();
+            dispatched_before = None;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -263,6 +263,15 @@ impl Metrics {
             .unwrap(),
             registry,
         };
+        for kind in ["fenced", "store", "broker"] {
+            metrics.dispatch_errors_total.with_label_values(&[kind]);
+        }
+        for reason in ["inflight", "rate"] {
+            metrics.tenant_throttled_total.with_label_values(&[reason]);
+        }
+        for state in ["total", "idle"] {
+            metrics.db_pool_connections.with_label_values(&[state]);
+        }
         for reason in DEAD_LETTER_REASONS {
             metrics
                 .tasks_dead_lettered_total
@@ -307,6 +316,19 @@ impl Metrics {
             metrics.registry.register(collector).unwrap();
         }
         metrics
+    }
+
+    /// Exposes every per-tier series from the start (at zero), so
+    /// dashboards and alerts see them before the first event.
+    pub fn init_tiers(&self, tiers: &[String]) {
+        for tier in tiers {
+            let tier = [tier.as_str()];
+            self.tasks_dispatched_total.with_label_values(&tier);
+            self.ready_backlog.with_label_values(&tier);
+            self.tasks_in_flight.with_label_values(&tier);
+            self.workers_registered.with_label_values(&tier);
+            self.workers_desired.with_label_values(&tier);
+        }
     }
 
     /// The text exposition of every metric.

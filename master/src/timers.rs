@@ -23,6 +23,10 @@ pub async fn run(
 ) {
     let batch_len_max = settings.batch_len_max;
     while !term_over.is_cancelled() {
+        let timer = metrics
+            .store_transaction_seconds
+            .with_label_values(&["timers"])
+            .start_timer();
         let result = async {
             let fired = store.fire_due_timers(epoch, batch_len_max).await?;
             let started = store.fire_due_schedules(epoch, batch_len_max).await?;
@@ -31,6 +35,7 @@ pub async fn run(
             Ok::<_, ward_store::Error>((fired, started, reaped, expired))
         }
         .await;
+        timer.observe_duration();
         let pause_ms = match result {
             Ok((fired, started, reaped, expired)) => {
                 metrics.leases_expired_total.inc_by(expired as u64);

@@ -30,6 +30,13 @@ pub struct TaskMessage {
     /// The request of an `http` step (its body is `input`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpCall>,
+    /// The tier queue it was published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// When the run became ready (created, or its timer came due): the
+    /// start of its schedule-to-start latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<DateTime<Utc>>,
 }
 
 fn task_kind() -> String {

@@ -122,8 +122,8 @@ impl Store {
         check_epoch(&transaction, epoch).await?;
         let rows = transaction
             .query(
-                "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config \
-                 FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
+                 coalesce(available_at, created_at) FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&batch_len_max],
             )
             .await?;
@@ -164,7 +164,7 @@ impl Store {
         let rows = transaction
             .query(
                 "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
-                 r.input, r.kind, r.config \
+                 r.input, r.kind, r.config, coalesce(r.available_at, r.created_at) \
                  FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS pick (tenant_id, tier, take) \
                  CROSS JOIN LATERAL (SELECT * FROM task_runs t WHERE t.tier = pick.tier AND t.tenant_id = pick.tenant_id \
                    AND t.state = 'ready' AND NOT t.external ORDER BY t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
@@ -518,9 +518,12 @@ where
             });
             let tenant_id: Uuid = row.get(1);
             *per_tenant.entry(tenant_id).or_default() += 1;
+            let tier: String = row.get(6);
             ReadyTask {
-                tier: row.get(6),
+                tier: tier.clone(),
                 message: TaskMessage {
+                    tier: Some(tier),
+                    ready_at: Some(row.get(11)),
                     task_run_id: row.get(0),
                     tenant_id,
                     instance_id: row.get(2),

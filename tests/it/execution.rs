@@ -148,6 +148,8 @@ async fn redelivered_messages_execute_again_but_commit_nothing() {
         kind: "task".into(),
         timeout_ms: None,
         http: None,
+        tier: None,
+        ready_at: None,
     };
     let broker = ward_broker::Broker::connect(&ward_broker::Settings {
         url: amqp_url(),
@@ -210,13 +212,34 @@ async fn malformed_message_is_dead_lettered_and_the_queue_keeps_flowing() {
         .wait_finished(&url, &key, &id, Duration::from_secs(30))
         .await;
     assert_eq!(instance["status"], "completed");
+    // The master records the unreadable message in the dead-letter table
+    // (no tenant: it could not be read) and empties the dead-letter queue.
     let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, page) = sandbox
+            .call(
+                reqwest::Method::GET,
+                &format!("{url}/v1/admin/dead-letters"),
+                Some(crate::sandbox::ADMIN_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let letters = page["dead_letters"].as_array().unwrap();
+        if letters.len() == 1 {
+            assert_eq!(letters[0]["reason"], "rejected", "{page}");
+            assert!(letters[0]["tenant_id"].is_null(), "{page}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter recorded: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     loop {
         let depth = broker
             .queue_depth(&broker.dead_letter_queue())
             .await
             .unwrap();
-        if depth == 1 {
+        if depth == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "dead-letter queue holds {depth}");

@@ -3,6 +3,7 @@
 //! (schema, queue prefix, etcd prefix) so tests run in parallel.
 
 mod api;
+mod chaos;
 mod cli;
 mod election;
 mod examples;
@@ -11,6 +12,7 @@ mod external;
 mod isolation;
 mod leases;
 mod membership;
+mod ops;
 mod sandbox;
 mod schedules;
 mod shutdown;

@@ -146,7 +146,24 @@ async fn process(context: Context, delivery: Delivery) {
 
 async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage) {
     let started_at = chrono::Utc::now();
-    let timer = context.metrics.task_execution_seconds.start_timer();
+    let tier = message.tier.as_deref().unwrap_or("unknown");
+    if let Some(ready_at) = message.ready_at {
+        let waited_s = (started_at - ready_at)
+            .num_microseconds()
+            .unwrap_or(0)
+            .max(0) as f64
+            / 1e6;
+        context
+            .metrics
+            .schedule_to_start_seconds
+            .with_label_values(&[tier])
+            .observe(waited_s);
+    }
+    let timer = context
+        .metrics
+        .task_execution_seconds
+        .with_label_values(&[tier])
+        .start_timer();
     let heartbeats = heartbeat_loop(context, message);
     tokio::pin!(heartbeats);
     let outcome = tokio::select! {
@@ -175,6 +192,28 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
             .await
         {
             Ok(completion) => {
+                if let Completion::Applied { instance_status } = &completion {
+                    if ["completed", "failed", "cancelled"].contains(&instance_status.as_str()) {
+                        context
+                            .metrics
+                            .instances_finished_total
+                            .with_label_values(&[instance_status.as_str()])
+                            .inc();
+                    }
+                    if matches!(
+                        outcome,
+                        Settlement::Failed {
+                            retryable: true,
+                            ..
+                        } | Settlement::TimedOut(_)
+                    ) {
+                        context
+                            .metrics
+                            .task_retries_total
+                            .with_label_values(&[tier])
+                            .inc();
+                    }
+                }
                 let result = match completion {
                     Completion::Applied { .. } => "applied",
                     Completion::Duplicate => "duplicate",

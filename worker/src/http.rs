@@ -53,6 +53,17 @@ async fn readyz(Extract(state): Extract<State>) -> Response {
 }
 
 async fn metrics(Extract(state): Extract<State>) -> Response {
+    let (size, idle) = state.store.pool_status();
+    state
+        .metrics
+        .db_pool_connections
+        .with_label_values(&["total"])
+        .set(i64::try_from(size).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .db_pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::try_from(idle).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -50,6 +50,7 @@ impl Worker {
         })
         .context("connect store")?;
         let metrics = metrics::Metrics::new();
+        metrics.init_tiers(&config.tiers);
         let broker_connected = Arc::new(AtomicBool::new(false));
         let shutdown = CancellationToken::new();
         let hand_back = CancellationToken::new();

@@ -1,12 +1,18 @@
 //! Worker metrics: names are constants here; labels come from closed sets.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub const TASKS_EXECUTED_TOTAL: &str = "ward_tasks_executed_total";
 pub const TASK_COMMITS_TOTAL: &str = "ward_task_commits_total";
 pub const TASK_EXECUTION_SECONDS: &str = "ward_task_execution_seconds";
 pub const DELIVERIES_REJECTED_TOTAL: &str = "ward_deliveries_rejected_total";
-pub const TASKS_IN_FLIGHT: &str = "ward_tasks_in_flight";
+pub const TASKS_RUNNING: &str = "ward_tasks_running";
+pub const SCHEDULE_TO_START_SECONDS: &str = "ward_schedule_to_start_seconds";
+pub const TASK_RETRIES_TOTAL: &str = "ward_task_retries_total";
+pub const INSTANCES_FINISHED_TOTAL: &str = "ward_instances_finished_total";
+pub const DB_POOL_CONNECTIONS: &str = "ward_db_pool_connections";
 
 /// The worker's metrics, in its own registry.
 #[derive(Clone)]
@@ -16,7 +22,17 @@ pub struct Metrics {
     pub tasks_executed_total: IntCounterVec,
     /// By `result`: applied, duplicate, unknown, handed_back.
     pub task_commits_total: IntCounterVec,
-    pub task_execution_seconds: Histogram,
+    /// By `tier`.
+    pub task_execution_seconds: HistogramVec,
+    /// By `tier`: from the run becoming ready to its handler starting.
+    pub schedule_to_start_seconds: HistogramVec,
+    /// By `tier`: retryable failures committed (the step's policy decides
+    /// whether another attempt follows).
+    pub task_retries_total: IntCounterVec,
+    /// By `status`: instances this worker's commits ended.
+    pub instances_finished_total: IntCounterVec,
+    /// By `state`: total, idle.
+    pub db_pool_connections: IntGaugeVec,
     /// By `reason`: malformed.
     pub deliveries_rejected_total: IntCounterVec,
     pub tasks_in_flight: IntGauge,
@@ -51,10 +67,44 @@ impl Metrics {
                 &["result"],
             )
             .unwrap(),
-            task_execution_seconds: Histogram::with_opts(
-                HistogramOpts::new(TASK_EXECUTION_SECONDS, "Handler run time.").buckets(vec![
-                    0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+            task_execution_seconds: HistogramVec::new(
+                HistogramOpts::new(TASK_EXECUTION_SECONDS, "Handler run time, by tier.").buckets(
+                    vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            schedule_to_start_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    SCHEDULE_TO_START_SECONDS,
+                    "Time from a task run becoming ready to its handler starting, by tier.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
                 ]),
+                &["tier"],
+            )
+            .unwrap(),
+            task_retries_total: IntCounterVec::new(
+                Opts::new(
+                    TASK_RETRIES_TOTAL,
+                    "Retryable task failures committed, by tier.",
+                ),
+                &["tier"],
+            )
+            .unwrap(),
+            instances_finished_total: IntCounterVec::new(
+                Opts::new(
+                    INSTANCES_FINISHED_TOTAL,
+                    "Instances that reached an end state in this process, by status.",
+                ),
+                &["status"],
+            )
+            .unwrap(),
+            db_pool_connections: IntGaugeVec::new(
+                Opts::new(DB_POOL_CONNECTIONS, "Postgres pool connections, by state."),
+                &["state"],
             )
             .unwrap(),
             deliveries_rejected_total: IntCounterVec::new(
@@ -65,8 +115,7 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
-            tasks_in_flight: IntGauge::new(TASKS_IN_FLIGHT, "Deliveries being handled now.")
-                .unwrap(),
+            tasks_in_flight: IntGauge::new(TASKS_RUNNING, "Deliveries being handled now.").unwrap(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.tasks_executed_total.clone()),
@@ -74,11 +123,42 @@ impl Metrics {
             Box::new(metrics.task_execution_seconds.clone()),
             Box::new(metrics.deliveries_rejected_total.clone()),
             Box::new(metrics.tasks_in_flight.clone()),
+            Box::new(metrics.schedule_to_start_seconds.clone()),
+            Box::new(metrics.task_retries_total.clone()),
+            Box::new(metrics.instances_finished_total.clone()),
+            Box::new(metrics.db_pool_connections.clone()),
         ];
+        for outcome in ["succeeded", "failed"] {
+            metrics.tasks_executed_total.with_label_values(&[outcome]);
+        }
+        for result in ["applied", "duplicate", "unknown", "handed_back"] {
+            metrics.task_commits_total.with_label_values(&[result]);
+        }
+        metrics
+            .deliveries_rejected_total
+            .with_label_values(&["malformed"]);
+        for state in ["total", "idle"] {
+            metrics.db_pool_connections.with_label_values(&[state]);
+        }
+        for status in ["completed", "failed", "cancelled"] {
+            metrics
+                .instances_finished_total
+                .with_label_values(&[status]);
+        }
         for collector in collectors {
             metrics.registry.register(collector).unwrap();
         }
         metrics
+    }
+
+    /// Exposes every per-tier series from the start (at zero).
+    pub fn init_tiers(&self, tiers: &[String]) {
+        for tier in tiers {
+            let tier = [tier.as_str()];
+            self.task_execution_seconds.with_label_values(&tier);
+            self.schedule_to_start_seconds.with_label_values(&tier);
+            self.task_retries_total.with_label_values(&tier);
+        }
     }
 
     pub fn render(&self) -> String {

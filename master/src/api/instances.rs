@@ -85,11 +85,17 @@ pub async fn start(
                 .field("business_key"));
             }
         }
+        let timer = state
+            .metrics
+            .store_transaction_seconds
+            .with_label_values(&["start_instance"])
+            .start_timer();
         let started = state
             .store
             .start_instance(&tenant, &request, idempotency_key)
             .await
             .map_err(ApiError::store)?;
+        timer.observe_duration();
         if started.created {
             state.metrics.instances_started_total.inc();
         }
@@ -226,6 +232,11 @@ pub async fn cancel(
         {
             CancelOutcome::Cancelled => {
                 state.metrics.instances_cancelled_total.inc();
+                state
+                    .metrics
+                    .instances_finished_total
+                    .with_label_values(&["cancelled"])
+                    .inc();
                 Ok(json!({ "id": instance_id, "status": status::CANCELLED }))
             }
             CancelOutcome::Finished(current) => Err(finished(instance_id, &current)),
