@@ -75,16 +75,7 @@ impl Master {
         });
         tracker.spawn(ward_membership::register(
             config.etcd.clone(),
-            ward_shared::wire::MemberRecord {
-                role: "master".into(),
-                node_id: config.node_id.clone(),
-                tiers: Vec::new(),
-                http_addr: http_addr.to_string(),
-                host: ward_membership::host_name(),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                started_at: chrono::Utc::now(),
-            },
+            ward_membership::this_process("master", &config.node_id, Vec::new(), http_addr),
             shutdown.clone(),
         ));
         tracker.spawn(count_workers(

@@ -143,8 +143,27 @@ pub async fn list(settings: &Etcd) -> anyhow::Result<Vec<MemberRecord>> {
     Ok(members)
 }
 
+/// The record of this process.
+pub fn this_process(
+    role: &str,
+    node_id: &str,
+    tiers: Vec<String>,
+    http_addr: std::net::SocketAddr,
+) -> MemberRecord {
+    MemberRecord {
+        role: role.to_owned(),
+        node_id: node_id.to_owned(),
+        tiers,
+        http_addr: http_addr.to_string(),
+        host: host_name(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: chrono::Utc::now(),
+    }
+}
+
 /// This machine's host name (for member records).
-pub fn host_name() -> String {
+fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())

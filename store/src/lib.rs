@@ -85,6 +85,16 @@ pub struct Settings {
     pub app_role: String,
 }
 
+/// Longest any pooled transaction may sit idle between statements
+/// (publisher confirms of a dispatch batch included) before Postgres ends
+/// its session and releases its locks. It bounds how long a paused process
+/// (SIGSTOP, VM freeze) holding a transaction can block others: a paused
+/// leader holding the epoch row would delay its successor's claim, a paused
+/// worker holding an instance row would stall the leader's lease reaper.
+/// A batch whose confirms take longer fails and is dispatched again
+/// (delivery is at least once).
+pub const TX_IDLE_MS_MAX: u64 = 1_500;
+
 /// The application role the migration runner creates and grants.
 pub const APP_ROLE_DEFAULT: &str = "ward_app";
 
@@ -143,18 +153,19 @@ impl Store {
             },
         );
         let timeout = Some(std::time::Duration::from_millis(settings.pool_wait_ms));
-        let set_role = (!settings.app_role.is_empty())
-            .then(|| format!("SET ROLE {}", quote_ident(&settings.app_role)));
+        // Every session: the idle-transaction bound, then the application role.
+        let mut session = format!("SET idle_in_transaction_session_timeout = {TX_IDLE_MS_MAX};");
+        if !settings.app_role.is_empty() {
+            session.push_str(&format!(" SET ROLE {};", quote_ident(&settings.app_role)));
+        }
         let pool = Pool::builder(manager)
             .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
-                let set_role = set_role.clone();
+                let session = session.clone();
                 Box::pin(async move {
-                    if let Some(set_role) = set_role {
-                        client
-                            .batch_execute(&set_role)
-                            .await
-                            .map_err(deadpool_postgres::HookError::Backend)?;
-                    }
+                    client
+                        .batch_execute(&session)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)?;
                     Ok(())
                 })
             }))

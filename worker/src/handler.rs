@@ -150,13 +150,7 @@ impl Registry {
                 Ok(json!({ "notified": recipient, "about": task.input, "idempotency_key": task.idempotency_key }))
             })
             .with("sleep", |task: Task| async move {
-                let sleep_ms = task
-                    .input
-                    .get("sleep_ms")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    .min(SLEEP_MS_MAX);
-                tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                sleep_as_asked(&task.input).await;
                 Ok(task.input)
             })
             .with("vitals.score", |task: Task| async move {
@@ -191,13 +185,7 @@ impl Registry {
                         Failure::new(format!("ledger {}: {error}", path.display()))
                     })?;
                 }
-                let sleep_ms = task
-                    .input
-                    .get("sleep_ms")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    .min(SLEEP_MS_MAX);
-                tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                sleep_as_asked(&task.input).await;
                 Ok(json!({ "ledger": task.idempotency_key, "attempt": task.attempt }))
             }
         })
@@ -212,6 +200,16 @@ impl Registry {
     pub fn get(&self, name: &str) -> Option<Arc<dyn Handler>> {
         self.handlers.get(name).cloned()
     }
+}
+
+/// Sleeps the input's `sleep_ms` (at most `SLEEP_MS_MAX`).
+async fn sleep_as_asked(input: &Value) {
+    let sleep_ms = input
+        .get("sleep_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .min(SLEEP_MS_MAX);
+    tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
 }
 
 /// Appends one line with a single write (atomic for short lines under

@@ -76,16 +76,12 @@ impl Worker {
         });
         tracker.spawn(ward_membership::register(
             config.etcd.clone(),
-            ward_shared::wire::MemberRecord {
-                role: "worker".into(),
-                node_id: config.node_id.clone(),
-                tiers: config.tiers.clone(),
-                http_addr: http_addr.to_string(),
-                host: ward_membership::host_name(),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                started_at: chrono::Utc::now(),
-            },
+            ward_membership::this_process(
+                "worker",
+                &config.node_id,
+                config.tiers.clone(),
+                http_addr,
+            ),
             shutdown.clone(),
         ));
         tracker.spawn(consume::run(consume::Context {
