@@ -137,10 +137,18 @@ impl Broker {
         let mut confirms = Vec::with_capacity(messages.len());
         for (tier, message) in messages {
             let body = serde_json::to_vec(message)?;
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_message_id(message.task_run_id.to_string().as_str().into());
+            if let Some(trace_parent) = &message.trace_parent {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    "traceparent".into(),
+                    AMQPValue::LongString(trace_parent.as_str().into()),
+                );
+                properties = properties.with_headers(headers);
+            }
             let confirm = self
                 .channel
                 .basic_publish(
@@ -344,6 +352,15 @@ impl Delivery {
     /// `delivery_limit`, `rejected`, `expired`), if it did.
     pub fn death_reason(&self) -> Option<String> {
         match self.header("x-first-death-reason")? {
+            AMQPValue::LongString(value) => Some(value.to_string()),
+            AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// The W3C `traceparent` header of the message, if it has one.
+    pub fn trace_parent(&self) -> Option<String> {
+        match self.header("traceparent")? {
             AMQPValue::LongString(value) => Some(value.to_string()),
             AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
             _ => None,

@@ -1,5 +1,7 @@
 //! `wardctl`: Ward from a shell, through the HTTP API.
 
+mod autoscale;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,10 @@ enum Command {
     /// Cluster membership and health (admin token).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Local autoscaler (admin token): starts and stops `ward-worker`
+    /// processes per tier between a minimum and a maximum, following the
+    /// leader's desired worker count; stopped workers drain first.
+    Autoscale(autoscale::Options),
     /// Dead-lettered tasks: poison tasks past the delivery limit and
     /// unreadable messages, with the reason.
     #[command(subcommand)]
@@ -241,14 +247,15 @@ fn cluster_tables(status: &Value) -> String {
         }
     }
     out.push_str(&format!(
-        "\n{:<12} {:>8} {:>10} {:>10}\n",
-        "TIER", "WORKERS", "READY", "IN_FLIGHT"
+        "\n{:<12} {:>8} {:>8} {:>10} {:>10}\n",
+        "TIER", "WORKERS", "DESIRED", "READY", "IN_FLIGHT"
     ));
     for tier in status["tiers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<12} {:>8} {:>10} {:>10}\n",
+            "{:<12} {:>8} {:>8} {:>10} {:>10}\n",
             text(&tier["tier"]),
             text(&tier["workers"]),
+            text(&tier["workers_desired"]),
             text(&tier["ready"]),
             text(&tier["in_flight"])
         ));
@@ -403,6 +410,13 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             }
             print!("{}", cluster_tables(&status));
             Ok(Value::Null)
+        }
+        Command::Autoscale(options) => {
+            let token = args
+                .admin_token
+                .clone()
+                .context("the admin token is needed: --admin-token or WARD_ADMIN_TOKEN")?;
+            autoscale::run(&client, &token, options).await
         }
         Command::DeadLetters(DeadLetterCommand::List { tenant, limit }) => {
             match (&args.admin_token, &args.api_key) {

@@ -44,7 +44,9 @@ ensure_packages() {
     command -v etcdctl >/dev/null || missing+=(etcd-client)
     port_open "$PG_PORT" || command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
     command -v psql >/dev/null || missing+=(postgresql-client)
-    port_open "$AMQP_PORT" || command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+    # The fault harness (ward-bench chaos) runs its own Postgres and RabbitMQ: it needs the servers' binaries.
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
@@ -100,6 +102,24 @@ ensure_etcd() {
         echo $! >"$WARD_STATE/run/etcd.pid"
         wait_port "$ETCD_PORT" 30 etcd
         echo etcd >>"$WARD_STATE/started"
+    fi
+}
+
+# Prometheus (Debian's package) for the local stack, on 127.0.0.1:$PROMETHEUS_PORT, scraping
+# the masters and workers `up` starts (deploy/prometheus/prometheus.yml).
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9099}"
+ensure_prometheus() {
+    command -v prometheus >/dev/null || apt_install prometheus
+    if ! port_open "$PROMETHEUS_PORT"; then
+        say "starting Prometheus on 127.0.0.1:$PROMETHEUS_PORT"
+        mkdir -p "$WARD_STATE/prometheus"
+        nohup prometheus --config.file="$WARD_ROOT/deploy/prometheus/prometheus.yml" \
+            --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+            --storage.tsdb.path="$WARD_STATE/prometheus" \
+            >"$WARD_STATE/log/prometheus.log" 2>&1 &
+        echo $! >"$WARD_STATE/run/prometheus.pid"
+        wait_port "$PROMETHEUS_PORT" 30 Prometheus
+        echo prometheus >>"$WARD_STATE/started"
     fi
 }
 

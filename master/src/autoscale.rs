@@ -5,6 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Name of the etcd signal holding the leader's `DesiredWorkers`.
+pub const DESIRED_WORKERS_SIGNAL: &str = "workers-desired";
+/// A published signal older than this is ignored (no leader refreshes it).
+pub const DESIRED_WORKERS_STALE_S: i64 = 30;
+
 /// `[autoscale]`: the target and bounds of the signal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

@@ -149,9 +149,15 @@ async fn count_workers(
                         .get()
                 })
                 .collect();
-            if let (Ok(backlog), Ok(inflight)) =
-                (store.ready_backlog().await, store.inflight().await)
+            let epoch = *leader.borrow();
+            if let (Some(epoch), Ok(backlog), Ok(inflight)) =
+                (epoch, store.ready_backlog().await, store.inflight().await)
             {
+                let mut desired = ward_shared::wire::DesiredWorkers {
+                    epoch,
+                    computed_at: chrono::Utc::now(),
+                    tiers: Default::default(),
+                };
                 for (index, tier) in config.tiers.iter().enumerate() {
                     let rate = match &dispatched_before {
                         Some((at, before)) => {
@@ -173,10 +179,22 @@ async fn count_workers(
                             .sum(),
                         dispatch_rate_per_s: rate,
                     };
+                    let workers = autoscale::desired_workers(load, &config.autoscale);
                     metrics
                         .workers_desired
                         .with_label_values(&[tier.as_str()])
-                        .set(autoscale::desired_workers(load, &config.autoscale));
+                        .set(workers);
+                    desired.tiers.insert(tier.clone(), workers);
+                }
+                // The same signal for the API and the local autoscaler.
+                if let Err(error) = ward_membership::put_signal(
+                    &config.etcd,
+                    autoscale::DESIRED_WORKERS_SIGNAL,
+                    &serde_json::json!(desired),
+                )
+                .await
+                {
+                    tracing::debug!(error = format!("{error:#}"), "publish desired workers");
                 }
             }
             dispatched_before = Some((now, dispatched));

@@ -266,7 +266,7 @@ impl Metrics {
         for kind in ["fenced", "store", "broker"] {
             metrics.dispatch_errors_total.with_label_values(&[kind]);
         }
-        for reason in ["inflight", "rate"] {
+        for reason in ["inflight", "rate", "running_instances"] {
             metrics.tenant_throttled_total.with_label_values(&[reason]);
         }
         for state in ["total", "idle"] {

@@ -143,6 +143,36 @@ pub async fn list(settings: &Etcd) -> anyhow::Result<Vec<MemberRecord>> {
     Ok(members)
 }
 
+/// Publishes a cluster-wide signal (a small JSON value) under
+/// `{prefix}/signals/{name}`, for example the leader's desired worker counts.
+pub async fn put_signal(
+    settings: &Etcd,
+    name: &str,
+    value: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let mut client = connect(settings).await?;
+    let key = format!("{}/signals/{name}", settings.prefix);
+    tokio::time::timeout(
+        Duration::from_millis(settings.connect_timeout_ms),
+        client.put(key, serde_json::to_vec(value)?, None),
+    )
+    .await
+    .context("publish signal: timed out")?
+    .context("publish signal")?;
+    Ok(())
+}
+
+/// Reads a signal published by `put_signal`, if any.
+pub async fn get_signal(settings: &Etcd, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let mut client = connect(settings).await?;
+    let key = format!("{}/signals/{name}", settings.prefix);
+    let response = client.get(key, None).await.context("read signal")?;
+    Ok(response
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+}
+
 /// The record of this process.
 pub fn this_process(
     role: &str,

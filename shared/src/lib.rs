@@ -7,6 +7,7 @@ pub mod engine;
 pub mod expr;
 pub mod schedule;
 pub mod settings;
+pub mod trace;
 pub mod wire;
 
 pub use definition::{Definition, Problem, Step, StepKind};

@@ -37,6 +37,10 @@ pub struct TaskMessage {
     /// start of its schedule-to-start latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` of this hop: travels in the AMQP message's
+    /// `traceparent` header, not in the body.
+    #[serde(skip)]
+    pub trace_parent: Option<String>,
 }
 
 fn task_kind() -> String {
@@ -64,6 +68,10 @@ pub struct StartInstance {
     pub input: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub business_key: Option<String>,
+    /// The W3C `traceparent` of the request (from its header, not the body);
+    /// a new trace starts when None.
+    #[serde(skip)]
+    pub trace_parent: Option<String>,
 }
 
 /// `POST /v1/instances` answer.
@@ -92,6 +100,9 @@ pub struct InstanceView {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The W3C trace id that follows this instance's work across processes.
+    #[serde(default)]
+    pub trace_id: Option<String>,
     pub steps: Vec<StepView>,
 }
 
@@ -489,6 +500,18 @@ pub struct TierStatus {
     pub ready: i64,
     /// Dispatched, not yet settled.
     pub in_flight: i64,
+    /// Workers the leader computed the tier needs (`ward_workers_desired`);
+    /// None before a leader published it, or when it is stale.
+    #[serde(default)]
+    pub workers_desired: Option<i64>,
+}
+
+/// The leader's desired worker counts, as published in etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredWorkers {
+    pub epoch: i64,
+    pub computed_at: DateTime<Utc>,
+    pub tiers: std::collections::BTreeMap<String, i64>,
 }
 
 /// `GET /v1/cluster` answer.

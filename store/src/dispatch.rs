@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use ward_shared::engine::RunState;
 use ward_shared::schedule::Cron;
+use ward_shared::trace::{TraceParent, span_bytes};
 use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
 use crate::progress::{self, Settlement};
@@ -123,7 +124,8 @@ impl Store {
         let rows = transaction
             .query(
                 "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
-                 coalesce(available_at, created_at) FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+                 coalesce(available_at, created_at), \
+                 (SELECT i.trace_parent FROM instances i WHERE i.id = task_runs.instance_id) FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&batch_len_max],
             )
             .await?;
@@ -164,7 +166,8 @@ impl Store {
         let rows = transaction
             .query(
                 "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
-                 r.input, r.kind, r.config, coalesce(r.available_at, r.created_at) \
+                 r.input, r.kind, r.config, coalesce(r.available_at, r.created_at), \
+                 (SELECT i.trace_parent FROM instances i WHERE i.id = r.instance_id) \
                  FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS pick (tenant_id, tier, take) \
                  CROSS JOIN LATERAL (SELECT * FROM task_runs t WHERE t.tier = pick.tier AND t.tenant_id = pick.tenant_id \
                    AND t.state = 'ready' AND NOT t.external ORDER BY t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
@@ -435,6 +438,7 @@ impl Store {
                 version: row.get(5),
                 input: row.get(7),
                 business_key: None,
+                trace_parent: None,
             };
             let key = format!("schedule:{name}:{}", tick.to_rfc3339());
             let last_error = match crate::workflow::start_instance_tx(
@@ -524,6 +528,14 @@ where
                 message: TaskMessage {
                     tier: Some(tier),
                     ready_at: Some(row.get(11)),
+                    trace_parent: row
+                        .get::<_, Option<String>>(12)
+                        .as_deref()
+                        .and_then(TraceParent::parse)
+                        .map(|trace| {
+                            let run: Uuid = row.get(0);
+                            trace.child(span_bytes(run.as_bytes())).header()
+                        }),
                     task_run_id: row.get(0),
                     tenant_id,
                     instance_id: row.get(2),

@@ -7,6 +7,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 use ward_shared::Definition;
 use ward_shared::engine::RunState;
+use ward_shared::trace::{TraceParent, span_bytes};
 use ward_shared::wire::{
     HistoryEvent, InstanceList, InstanceSummary, InstanceView, StartInstance, StepView, status,
 };
@@ -166,7 +167,7 @@ impl Store {
         let Some(row) = transaction
             .query_opt(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
-                 i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at \
+                 i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at, i.trace_parent \
                  FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND i.id = $2",
                 &[&tenant.id, &instance_id],
@@ -218,6 +219,11 @@ impl Store {
             created_at: row.get(9),
             updated_at: row.get(10),
             completed_at: row.get(11),
+            trace_id: row
+                .get::<_, Option<String>>(12)
+                .as_deref()
+                .and_then(TraceParent::parse)
+                .map(|trace| trace.trace_id),
             steps,
         }))
     }
@@ -504,10 +510,21 @@ pub(crate) async fn start_instance_tx(
     let definition: Definition =
         serde_json::from_value(row.get(2)).map_err(|error| Error::Corrupt(error.to_string()))?;
     let instance_id = Uuid::now_v7();
+    let trace_parent = request
+        .trace_parent
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .unwrap_or_else(|| {
+            TraceParent::root(
+                *Uuid::new_v4().as_bytes(),
+                span_bytes(Uuid::new_v4().as_bytes()),
+            )
+        })
+        .header();
     let inserted = transaction
         .execute(
             "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
-             idempotency_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+             idempotency_key, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             &[
                 &instance_id,
                 &tenant.id,
@@ -517,6 +534,7 @@ pub(crate) async fn start_instance_tx(
                 &request.input,
                 &request.business_key,
                 &idempotency_key,
+                &trace_parent,
             ],
         )
         .await?;
@@ -585,7 +603,8 @@ pub(crate) async fn create_child(
     transaction
         .execute(
             "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, idempotency_key, \
-             parent_instance_id, parent_task_run_id, depth) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             parent_instance_id, parent_task_run_id, depth, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+             (SELECT trace_parent FROM instances WHERE id = $8))",
             &[
                 &child_id,
                 &parent.tenant_id,

@@ -185,6 +185,7 @@ async fn a_stale_epoch_can_write_nothing() {
         version: None,
         input: json!({}),
         business_key: Some(business_key.into()),
+        trace_parent: None,
     };
     store
         .start_instance(&tenant, &start("first"), None)

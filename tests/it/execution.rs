@@ -150,6 +150,7 @@ async fn redelivered_messages_execute_again_but_commit_nothing() {
         http: None,
         tier: None,
         ready_at: None,
+        trace_parent: None,
     };
     let broker = ward_broker::Broker::connect(&ward_broker::Settings {
         url: amqp_url(),

@@ -3,6 +3,7 @@
 //! (schema, queue prefix, etcd prefix) so tests run in parallel.
 
 mod api;
+mod autoscale;
 mod chaos;
 mod cli;
 mod election;
@@ -13,8 +14,10 @@ mod isolation;
 mod leases;
 mod membership;
 mod ops;
+mod prometheus;
 mod sandbox;
 mod schedules;
 mod shutdown;
 mod tenancy;
+mod trace_context;
 mod workflow;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use ward_broker::{Broker, Delivery};
+use ward_shared::trace::TraceParent;
 use ward_shared::wire::TaskMessage;
 use ward_store::{Completion, Settlement, Store};
 
@@ -117,8 +118,11 @@ async fn consume_connection(
 /// Runs one delivery to its end: handler, commit, ack (or hand-back).
 async fn process(context: Context, delivery: Delivery) {
     context.metrics.tasks_in_flight.inc();
-    let message: TaskMessage = match serde_json::from_slice(delivery.body()) {
-        Ok(message) => message,
+    let message: TaskMessage = match serde_json::from_slice::<TaskMessage>(delivery.body()) {
+        Ok(mut message) => {
+            message.trace_parent = delivery.trace_parent();
+            message
+        }
         Err(error) => {
             tracing::warn!(%error, "malformed task message; dead-lettering it");
             context
@@ -131,12 +135,19 @@ async fn process(context: Context, delivery: Delivery) {
             return;
         }
     };
+    let trace_id = message
+        .trace_parent
+        .as_deref()
+        .and_then(TraceParent::parse)
+        .map(|trace| trace.trace_id)
+        .unwrap_or_default();
     let span = tracing::info_span!(
         "task",
         tenant_id = %message.tenant_id,
         instance_id = %message.instance_id,
         task_run_id = %message.task_run_id,
         step_id = %message.step_id,
+        trace_id = %trace_id,
     );
     run_task(&context, &delivery, &message)
         .instrument(span)
@@ -357,6 +368,11 @@ async fn http_call(
         .header("x-ward-attempt", message.attempt.to_string());
     for (name, value) in &call.headers {
         request = request.header(name, value);
+    }
+    // The instance's trace continues into the called service.
+    if let Some(trace) = message.trace_parent.as_deref().and_then(TraceParent::parse) {
+        let span = ward_shared::trace::span_bytes(uuid::Uuid::new_v4().as_bytes());
+        request = request.header("traceparent", trace.child(span).header());
     }
     if method != reqwest::Method::GET && method != reqwest::Method::DELETE {
         request = request.json(&message.input);

@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::json;
-use ward_shared::wire::{ClusterStatus, DeadLetterPage, TierStatus};
+use ward_shared::wire::{ClusterStatus, DeadLetterPage, DesiredWorkers, TierStatus};
 use ward_store::DEAD_LETTER_PAGE_MAX;
 
 use super::{Admin, ApiError, AppState, Authenticated, respond};
@@ -29,6 +29,18 @@ pub async fn status(State(state): State<AppState>, _admin: Admin) -> Response {
         let backlog = state.store.ready_backlog().await.map_err(ApiError::store)?;
         let inflight = state.store.inflight().await.map_err(ApiError::store)?;
         let tiers = state.store.tiers().await.map_err(ApiError::store)?;
+        let desired: Option<DesiredWorkers> = ward_membership::get_signal(
+            &state.config.etcd,
+            crate::autoscale::DESIRED_WORKERS_SIGNAL,
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|value| serde_json::from_value(value).ok())
+        .filter(|desired: &DesiredWorkers| {
+            (chrono::Utc::now() - desired.computed_at).num_seconds()
+                <= crate::autoscale::DESIRED_WORKERS_STALE_S
+        });
         let (masters, workers): (Vec<_>, Vec<_>) = members
             .into_iter()
             .partition(|member| member.role == "master");
@@ -50,6 +62,9 @@ pub async fn status(State(state): State<AppState>, _admin: Admin) -> Response {
                     .filter(|((name, _), _)| name == &tier.name)
                     .map(|(_, count)| *count)
                     .sum(),
+                workers_desired: desired
+                    .as_ref()
+                    .and_then(|desired| desired.tiers.get(&tier.name).copied()),
             })
             .collect();
         Ok(json!(ClusterStatus {

@@ -70,7 +70,14 @@ pub async fn start(
                 })?)
             }
         };
-        let request: StartInstance = parse_json(body)?;
+        let mut request: StartInstance = parse_json(body)?;
+        // W3C Trace Context: a valid `traceparent` continues the caller's
+        // trace; an invalid or missing one starts a new trace (the store's).
+        request.trace_parent = headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| ward_shared::trace::TraceParent::parse(value).is_some())
+            .map(str::to_owned);
         if request.definition.is_empty() {
             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "a definition name is needed")
                 .field("definition"));
