@@ -174,6 +174,17 @@ impl Cluster {
             .sum()
     }
 
+    /// CPU seconds used so far by the processes whose role starts with `prefix`
+    /// (`master` or `worker`).
+    pub fn cpu_seconds_of(&self, prefix: &str) -> f64 {
+        self.children
+            .iter()
+            .filter(|(role, _)| role.starts_with(prefix))
+            .filter_map(|(_, child)| child.id())
+            .map(proc_cpu_seconds)
+            .sum()
+    }
+
     /// A connection to this cluster's schema, as the database owner.
     pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
         let mut config: tokio_postgres::Config = self.services.database_url.parse()?;
@@ -294,6 +305,58 @@ impl Cluster {
                 self.name
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until no instance is running.
+    pub async fn wait_ended_all(&self, timeout: Duration) -> anyhow::Result<()> {
+        let sql = self.sql().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE status = 'running'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if running == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: {running} instances still running after {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until every instance of `ids` has ended.
+    pub async fn wait_ids_ended(
+        &self,
+        ids: &[uuid::Uuid],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let sql = self.sql().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE id = ANY($1) AND status = 'running'",
+                    &[&ids],
+                )
+                .await?
+                .get(0);
+            if running == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: {running} instances still running after {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -5,6 +5,7 @@
 mod chaos;
 mod cluster;
 mod load;
+mod perf;
 mod tenancy;
 
 use std::path::PathBuf;
@@ -67,6 +68,22 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Performance: throughput, workflow steps, latency at fixed load,
+    /// queries under concurrency, the raw substrate, CPU and memory per
+    /// 1,000 tasks. JSON and Markdown in --out; `bench/plot.py` draws PNGs.
+    Perf {
+        /// Shorter windows and a smaller store, for a quick look.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Measured window of each scenario, in seconds.
+        #[arg(long)]
+        measure_s: Option<u64>,
+        /// Instances stored for the query scenario.
+        #[arg(long)]
+        query_instances: Option<i64>,
+    },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
     Tenancy {
@@ -99,6 +116,26 @@ async fn main() -> anyhow::Result<()> {
         bin_dir,
     };
     match args.command {
+        Command::Perf {
+            quick,
+            seed,
+            measure_s,
+            query_instances,
+        } => {
+            let mut options = perf::Options::new(quick, seed, args.out.clone());
+            if let Some(measure_s) = measure_s {
+                options.measure_s = measure_s.max(1);
+            }
+            if let Some(query_instances) = query_instances {
+                options.query_instances = query_instances.max(1_000);
+            }
+            let run = format!("p{}", chrono::Utc::now().format("%H%M%S"));
+            println!(
+                "# ward-bench perf ({})",
+                if quick { "quick" } else { "full" }
+            );
+            perf::run(&services, &run, options).await?;
+        }
         Command::Chaos {
             quick,
             duration_s,

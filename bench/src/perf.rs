@@ -1,0 +1,789 @@
+//! `ward-bench perf`: the performance scenarios. Throughput of single-step
+//! no-op tasks, workflow steps (a 3-step chain, a 1 -> 10 -> 1 fan-out),
+//! latency at fixed offered load measured from the intended send time,
+//! queries under concurrency over a large store, the raw substrate (RabbitMQ
+//! confirm + ack on a quorum queue, single-row Postgres commits), and memory
+//! and CPU per 1,000 tasks. Writes JSON and Markdown; `bench/plot.py` draws
+//! the PNGs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::cluster::{Cluster, Services, Shape};
+use crate::load::percentile;
+
+/// How a run goes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub quick: bool,
+    pub seed: u64,
+    /// Measured window of each throughput and latency scenario.
+    pub measure_s: u64,
+    pub warmup_s: u64,
+    /// Instances stored for the query scenario, and tenants they spread over.
+    pub query_instances: i64,
+    pub query_tenants: usize,
+    pub query_clients: usize,
+    pub out: std::path::PathBuf,
+}
+
+impl Options {
+    pub fn new(quick: bool, seed: u64, out: std::path::PathBuf) -> Options {
+        Options {
+            quick,
+            seed,
+            measure_s: if quick { 8 } else { 30 },
+            warmup_s: if quick { 3 } else { 5 },
+            query_instances: if quick { 100_000 } else { 1_000_000 },
+            query_tenants: if quick { 1_000 } else { 10_000 },
+            query_clients: if quick { 50 } else { 200 },
+            out,
+        }
+    }
+}
+
+const NOOP: &str = "name: perf-noop
+steps:
+  - { id: only, kind: task, handler: noop }
+";
+const STORED: &str = "name: perf-stored
+steps:
+  - { id: only, kind: task, handler: noop }
+";
+const CHAIN: &str = "name: perf-chain
+steps:
+  - { id: a, kind: task, handler: noop }
+  - { id: b, kind: task, handler: noop, needs: [a] }
+  - { id: c, kind: task, handler: noop, needs: [b] }
+";
+
+fn fan_out() -> String {
+    let mut yaml =
+        String::from("name: perf-fan\nsteps:\n  - { id: start, kind: task, handler: noop }\n");
+    for branch in 0..10 {
+        yaml.push_str(&format!(
+            "  - {{ id: b{branch}, kind: task, handler: noop, needs: [start] }}\n"
+        ));
+    }
+    let needs: Vec<String> = (0..10).map(|branch| format!("b{branch}")).collect();
+    yaml.push_str(&format!(
+        "  - {{ id: join, kind: task, handler: noop, needs: [{}] }}\n",
+        needs.join(", ")
+    ));
+    yaml
+}
+
+/// Most instances of a scenario left running before the submitters pause:
+/// the engine is measured at its own pace, with a bounded backlog.
+const BACKLOG_MAX: i64 = 2_000;
+
+/// Submits closed-loop from `concurrency` clients until `stop`, pausing
+/// while `paused` (the backlog is full); counts accepted.
+async fn submit_closed(
+    cluster: &Cluster,
+    keys: &[String],
+    definition: &str,
+    concurrency: usize,
+    stop: &AtomicBool,
+    paused: &AtomicBool,
+    accepted: &AtomicU64,
+) {
+    let body = json!({ "definition": definition, "input": {} });
+    futures::stream::iter(0..concurrency)
+        .for_each_concurrent(concurrency, |client| {
+            let body = &body;
+            async move {
+                let mut n = client;
+                while !stop.load(Ordering::Relaxed) {
+                    if paused.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    let key = &keys[n % keys.len()];
+                    n += concurrency;
+                    if cluster.post(key, "/v1/instances", body).await.is_ok() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+        .await;
+}
+
+/// Instances completed between two instants (by their `completed_at`).
+async fn completed_between(
+    sql: &tokio_postgres::Client,
+    definition: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> anyhow::Result<i64> {
+    Ok(sql
+        .query_one(
+            "SELECT count(*) FROM instances WHERE definition_name = $1 AND status = 'completed' \
+             AND completed_at >= $2 AND completed_at < $3",
+            &[&definition, &from, &to],
+        )
+        .await?
+        .get(0))
+}
+
+/// Scenario 1 and 2: the sustained completion rate of `definition` under
+/// closed-loop load, with a per-second series.
+async fn sustained(
+    cluster: &Cluster,
+    keys: &[String],
+    definition: &str,
+    options: &Options,
+) -> anyhow::Result<Value> {
+    let sql = cluster.sql().await?;
+    let stop = AtomicBool::new(false);
+    let paused = AtomicBool::new(false);
+    let accepted = AtomicU64::new(0);
+    let watch_backlog = async {
+        let sql = cluster.sql().await?;
+        while !stop.load(Ordering::Relaxed) {
+            let running: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE definition_name = $1 AND status = 'running'",
+                    &[&definition],
+                )
+                .await?
+                .get(0);
+            paused.store(running >= BACKLOG_MAX, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    };
+    let cpu_master_before = cluster.cpu_seconds_of("master");
+    let cpu_worker_before = cluster.cpu_seconds_of("worker");
+    let measure = async {
+        tokio::time::sleep(Duration::from_secs(options.warmup_s)).await;
+        let start: DateTime<Utc> = sql.query_one("SELECT now()", &[]).await?.get(0);
+        let cpu_master = cluster.cpu_seconds_of("master");
+        let cpu_worker = cluster.cpu_seconds_of("worker");
+        let mut series = Vec::new();
+        let mut at = start;
+        for _ in 0..options.measure_s {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let next = at + chrono::Duration::seconds(1);
+            series.push(
+                completed_between(&sql, definition, at, next)
+                    .await
+                    .unwrap_or(0),
+            );
+            at = next;
+        }
+        // Let the last second's commits land before counting the window.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let total = completed_between(&sql, definition, start, at).await?;
+        let cpu = (
+            cluster.cpu_seconds_of("master") - cpu_master,
+            cluster.cpu_seconds_of("worker") - cpu_worker,
+        );
+        stop.store(true, Ordering::Relaxed);
+        anyhow::Ok((total, series, cpu))
+    };
+    let (result, (), watched) = tokio::join!(
+        measure,
+        submit_closed(cluster, keys, definition, 64, &stop, &paused, &accepted),
+        watch_backlog
+    );
+    watched?;
+    let (total, series, (cpu_master, cpu_worker)) = result?;
+    // Drain what is left so the next scenario starts from an empty queue.
+    cluster.wait_ended_all(Duration::from_secs(300)).await?;
+    let _ = (cpu_master_before, cpu_worker_before);
+    let per_s = total as f64 / options.measure_s as f64;
+    Ok(json!({
+        "definition": definition,
+        "instances_per_s": round1(per_s),
+        "completed_in_window": total,
+        "window_s": options.measure_s,
+        "per_second": series,
+        "cpu_s_master": round3(cpu_master),
+        "cpu_s_worker": round3(cpu_worker),
+        "accepted_total": accepted.load(Ordering::Relaxed),
+    }))
+}
+
+/// Scenario 3: open-loop sends at `rate_per_s` for the window; latency from
+/// each send's intended time (no coordinated omission).
+async fn latency_at(
+    cluster: &Cluster,
+    keys: &[String],
+    rate_per_s: f64,
+    window_s: u64,
+) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let started_wall = Utc::now();
+    let count = (rate_per_s * window_s as f64).round() as usize;
+    let interval = 1.0 / rate_per_s.max(0.1);
+    let limit = Arc::new(tokio::sync::Semaphore::new(2_048));
+    let mut handles = Vec::with_capacity(count);
+    for n in 0..count {
+        let offset = Duration::from_secs_f64(n as f64 * interval);
+        let http = cluster.http.clone();
+        let url = format!("{}/v1/instances", cluster.url);
+        let key = keys[n % keys.len()].clone();
+        let limit = limit.clone();
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep_until((started + offset).into()).await;
+            let intended = started_wall + chrono::Duration::from_std(offset).unwrap_or_default();
+            let _permit = limit.acquire().await.ok()?;
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({ "definition": "perf-noop", "input": {} }))
+                .send()
+                .await
+                .ok()?;
+            let body: Value = response.json().await.ok()?;
+            let id = uuid::Uuid::parse_str(body["id"].as_str()?).ok()?;
+            Some((id, intended))
+        }));
+    }
+    let mut sent: Vec<(uuid::Uuid, DateTime<Utc>)> = Vec::with_capacity(count);
+    for handle in handles {
+        if let Ok(Some(pair)) = handle.await {
+            sent.push(pair);
+        }
+    }
+    let ids: Vec<uuid::Uuid> = sent.iter().map(|(id, _)| *id).collect();
+    cluster
+        .wait_ids_ended(&ids, Duration::from_secs(120))
+        .await?;
+    let sql = cluster.sql().await?;
+    let rows = sql
+        .query(
+            "SELECT i.id, i.completed_at, r.created_at, r.started_at FROM instances i \
+             JOIN task_runs r ON r.instance_id = i.id WHERE i.id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let intended: std::collections::HashMap<uuid::Uuid, DateTime<Utc>> = sent.into_iter().collect();
+    let mut start_ms = Vec::new();
+    let mut end_ms = Vec::new();
+    for row in rows {
+        let id: uuid::Uuid = row.get(0);
+        let completed: Option<DateTime<Utc>> = row.get(1);
+        let created: DateTime<Utc> = row.get(2);
+        let begun: Option<DateTime<Utc>> = row.get(3);
+        if let Some(begun) = begun {
+            start_ms.push((begun - created).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+        if let (Some(completed), Some(sent)) = (completed, intended.get(&id)) {
+            end_ms.push((completed - *sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
+    }
+    start_ms.sort_by(f64::total_cmp);
+    end_ms.sort_by(f64::total_cmp);
+    let summary = |values: &[f64]| {
+        json!({
+            "p50": round3(percentile(values, 0.50)),
+            "p90": round3(percentile(values, 0.90)),
+            "p99": round3(percentile(values, 0.99)),
+            "max": round3(values.last().copied().unwrap_or(f64::NAN)),
+        })
+    };
+    Ok(json!({
+        "offered_per_s": round1(rate_per_s),
+        "sent": count,
+        "acknowledged": ids.len(),
+        "elapsed_s": round3(started.elapsed().as_secs_f64()),
+        "schedule_to_start_ms": summary(&start_ms),
+        "end_to_end_ms": summary(&end_ms),
+    }))
+}
+
+/// Scenario 4: bulk-stores instances over many tenants, then `clients`
+/// clients issue status and filtered-list queries for the window.
+async fn queries(
+    cluster: &Cluster,
+    options: &Options,
+    keys: &[String],
+    tenant_prefix: &str,
+) -> anyhow::Result<Value> {
+    let sql = cluster.sql().await?;
+    let loaded = Instant::now();
+    // One definition row serves every stored instance (a foreign key only).
+    sql.batch_execute(&format!(
+        "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, created_at, updated_at, completed_at) \
+         SELECT gen_random_uuid(), t.id, d.id, 'perf-stored', CASE WHEN n % 10 = 0 THEN 'failed' ELSE 'completed' END, \
+                '{{}}'::jsonb, now() - n * interval '1 millisecond', now(), now() \
+         FROM generate_series(1, {count}) AS n \
+         JOIN (SELECT id, row_number() OVER (ORDER BY slug) - 1 AS k FROM tenants WHERE slug LIKE '{tenant_prefix}-%') t \
+           ON t.k = n % {tenants} \
+         JOIN definitions d ON d.tenant_id = t.id AND d.name = 'perf-stored' AND d.version = 1;
+         ANALYZE instances;",
+        count = options.query_instances,
+        tenants = keys.len(),
+    ))
+    .await?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    let stored: i64 = sql
+        .query_one("SELECT count(*) FROM instances", &[])
+        .await?
+        .get(0);
+    // Sample ids per tenant for the status queries.
+    let rows = sql
+        .query(
+            &format!(
+                "SELECT i.id::text, t.slug FROM instances i TABLESAMPLE SYSTEM (1) \
+                 JOIN tenants t ON t.id = i.tenant_id WHERE t.slug LIKE '{tenant_prefix}-%' LIMIT 20000"
+            ),
+            &[],
+        )
+        .await?;
+    let samples: Vec<(String, usize)> = rows
+        .iter()
+        .filter_map(|row| {
+            let slug: String = row.get(1);
+            let index = slug.rsplit('-').next()?.parse().ok()?;
+            Some((row.get(0), index))
+        })
+        .collect();
+    anyhow::ensure!(!samples.is_empty(), "no stored instance sampled");
+    let deadline = Instant::now() + Duration::from_secs(options.measure_s);
+    let status_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let list_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for client in 0..options.query_clients {
+        let http = cluster.http.clone();
+        let base = cluster.url.clone();
+        let keys = keys.to_vec();
+        let samples = samples.clone();
+        let (status_ms, list_ms, errors) = (status_ms.clone(), list_ms.clone(), errors.clone());
+        let seed = options.seed + client as u64;
+        handles.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            while Instant::now() < deadline {
+                let (id, tenant) = &samples[rng.random_range(0..samples.len())];
+                let status = rng.random_bool(0.5);
+                let url = if status {
+                    format!("{base}/v1/instances/{id}")
+                } else {
+                    format!("{base}/v1/instances?definition=perf-stored&status=failed&limit=20")
+                };
+                let began = Instant::now();
+                let ok = http
+                    .get(url)
+                    .bearer_auth(&keys[*tenant])
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success());
+                let ms = began.elapsed().as_secs_f64() * 1000.0;
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                } else if status {
+                    status_ms.lock().unwrap().push(ms);
+                } else {
+                    list_ms.lock().unwrap().push(ms);
+                }
+            }
+        }));
+    }
+    for handle in handles {
+        let _ = handle.await;
+    }
+    let mut status_ms = std::mem::take(&mut *status_ms.lock().unwrap());
+    let mut list_ms = std::mem::take(&mut *list_ms.lock().unwrap());
+    status_ms.sort_by(f64::total_cmp);
+    list_ms.sort_by(f64::total_cmp);
+    Ok(json!({
+        "stored_instances": stored,
+        "tenants": keys.len(),
+        "load_s": round1(load_s),
+        "clients": options.query_clients,
+        "status": { "count": status_ms.len(), "p50_ms": round3(percentile(&status_ms, 0.5)), "p99_ms": round3(percentile(&status_ms, 0.99)) },
+        "filtered_list": { "count": list_ms.len(), "p50_ms": round3(percentile(&list_ms, 0.5)), "p99_ms": round3(percentile(&list_ms, 0.99)) },
+        "errors": errors.load(Ordering::Relaxed),
+    }))
+}
+
+/// Scenario 5: the broker and the database alone on this machine.
+async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Result<Value> {
+    // RabbitMQ: publish with confirms (batches of 256, pipelined) while a
+    // consumer acks, persistent messages on a quorum queue.
+    let settings = ward_broker::Settings {
+        url: services.amqp_url.clone(),
+        queue_prefix: format!("{name}.raw."),
+        delivery_limit: 20,
+    };
+    let tiers = vec!["raw".to_owned()];
+    let publisher = ward_broker::Broker::connect(&settings).await?;
+    publisher.declare(&tiers).await?;
+    let consumer = ward_broker::Broker::connect(&settings).await?;
+    let mut inbox = consumer.consume("raw", 1_000, "raw-consumer").await?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = consumed.clone();
+    let stop_consumer = stop.clone();
+    let consume = tokio::spawn(async move {
+        while !stop_consumer.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(200), inbox.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    if delivery.ack().await.is_ok() {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => break,
+                Err(_) => {}
+            }
+        }
+        inbox.close().await;
+    });
+    let message = ward_shared::wire::TaskMessage {
+        tenant_id: uuid::Uuid::nil(),
+        instance_id: uuid::Uuid::nil(),
+        task_run_id: uuid::Uuid::nil(),
+        step_id: "raw".into(),
+        handler: "noop".into(),
+        attempt: 1,
+        idempotency_key: "raw".into(),
+        input: json!({}),
+        epoch: 0,
+        kind: "task".into(),
+        timeout_ms: None,
+        http: None,
+        tier: None,
+        ready_at: None,
+        trace_parent: None,
+    };
+    let batch: Vec<(&str, &ward_shared::wire::TaskMessage)> = vec![("raw", &message); 256];
+    let started = Instant::now();
+    let mut published = 0u64;
+    while started.elapsed() < Duration::from_secs(window_s) {
+        publisher.publish(&batch).await?;
+        published += batch.len() as u64;
+    }
+    let publish_s = started.elapsed().as_secs_f64();
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    while consumed.load(Ordering::Relaxed) < published && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let round_trip_s = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = consume.await;
+    let _ = publisher.delete(&tiers).await;
+    publisher.close().await;
+    consumer.close().await;
+
+    // Postgres: single-row keyed INSERT commits from 32 connections.
+    let (admin, connection) =
+        tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let table = format!("{}_raw", name.replace('-', "_"));
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (k bigint PRIMARY KEY, v text)"
+        ))
+        .await?;
+    let commits = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(window_s);
+    let mut handles = Vec::new();
+    for client in 0..32u64 {
+        let url = services.database_url.clone();
+        let table = table.clone();
+        let commits = commits.clone();
+        handles.push(tokio::spawn(async move {
+            let (sql, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let insert = sql
+                .prepare(&format!("INSERT INTO {table} (k, v) VALUES ($1, 'x')"))
+                .await?;
+            let mut k = client as i64;
+            while Instant::now() < deadline {
+                sql.execute(&insert, &[&k]).await?;
+                commits.fetch_add(1, Ordering::Relaxed);
+                k += 32;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for handle in handles {
+        handle.await??;
+    }
+    admin
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await?;
+    Ok(json!({
+        "rabbitmq_confirmed_publish_per_s": round1(published as f64 / publish_s),
+        "rabbitmq_publish_and_consume_per_s": round1(published as f64 / round_trip_s),
+        "postgres_single_row_commits_per_s": round1(commits.load(Ordering::Relaxed) as f64 / window_s as f64),
+    }))
+}
+
+/// Runs every scenario; writes `perf[-quick].json` and `.md` under `out`.
+pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Result<Value> {
+    let bar = indicatif::ProgressBar::new(6);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let shape = Shape {
+        masters: 1,
+        workers: 2,
+        worker_prefetch: 128,
+        window_max: 2_048,
+        tiers: vec!["gold".into()],
+        pool_size_max: 16,
+    };
+    let name = format!("{run}-perf");
+    bar.set_message("starting the cluster");
+    let cluster = Cluster::start(services, &name, &shape).await?;
+    let result = async {
+        let (keys, _) = cluster.apply_tenants(&format!("{name}-t"), 8, "gold", 100_000).await?;
+        for yaml in [NOOP.to_owned(), CHAIN.to_owned(), fan_out()] {
+            cluster.publish_all(&keys, &yaml, 8).await?;
+        }
+        let rss_before = cluster.rss_bytes();
+
+        bar.set_message("1. throughput (single-step no-op)");
+        let throughput = sustained(&cluster, &keys, "perf-noop", &options).await?;
+        bar.inc(1);
+        let rss_after = cluster.rss_bytes();
+        bar.set_message("2. workflow steps (chain, fan-out)");
+        let chain = sustained(&cluster, &keys, "perf-chain", &options).await?;
+        let fan = sustained(&cluster, &keys, "perf-fan", &options).await?;
+        bar.inc(1);
+
+        let max_per_s = throughput["instances_per_s"].as_f64().unwrap_or(1.0).max(1.0);
+        bar.set_message("3. latency at 25 / 50 / 80 % load");
+        let mut latency = Vec::new();
+        for share in [0.25, 0.5, 0.8] {
+            let mut figures = latency_at(&cluster, &keys, max_per_s * share, options.measure_s).await?;
+            figures["load_share"] = json!(share);
+            latency.push(figures);
+        }
+        bar.inc(1);
+
+        bar.set_message("4. queries under concurrency");
+        let (query_keys, _) = cluster
+            .apply_tenants(&format!("{name}-q"), options.query_tenants, "gold", 64)
+            .await?;
+        cluster.publish_all(&query_keys, STORED, 16).await?;
+        let load = latency_at(&cluster, &keys, max_per_s * 0.5, options.measure_s);
+        let query_prefix = format!("{name}-q");
+        let query = queries(&cluster, &options, &query_keys, &query_prefix);
+        let (load, query) = tokio::join!(load, query);
+        let mut query = query?;
+        query["concurrent_load"] = load?;
+        bar.inc(1);
+
+        bar.set_message("5. raw substrate");
+        let raw = substrate(services, &name, options.measure_s).await?;
+        bar.inc(1);
+
+        let tasks_1k = throughput["completed_in_window"].as_f64().unwrap_or(0.0) / 1000.0;
+        let per_1k = |key: &str| round3(throughput[key].as_f64().unwrap_or(0.0) / tasks_1k.max(0.001));
+        let resources = json!({
+            "rss_mb_before": rss_before.iter().map(|(role, bytes)| json!({ "role": role, "mb": round1(*bytes as f64 / 1_048_576.0) })).collect::<Vec<_>>(),
+            "rss_mb_after_throughput": rss_after.iter().map(|(role, bytes)| json!({ "role": role, "mb": round1(*bytes as f64 / 1_048_576.0) })).collect::<Vec<_>>(),
+            "cpu_s_per_1000_tasks_master": per_1k("cpu_s_master"),
+            "cpu_s_per_1000_tasks_worker": per_1k("cpu_s_worker"),
+        });
+        bar.inc(1);
+        let ward_per_s = throughput["instances_per_s"].as_f64().unwrap_or(0.0);
+        let broker_per_s = raw["rabbitmq_publish_and_consume_per_s"].as_f64().unwrap_or(0.0);
+        anyhow::Ok(json!({
+            "throughput": throughput,
+            "workflow_steps": {
+                "chain": { "instances_per_s": chain["instances_per_s"], "steps_per_s": round1(chain["instances_per_s"].as_f64().unwrap_or(0.0) * 3.0), "per_second": chain["per_second"] },
+                "fan_out": { "instances_per_s": fan["instances_per_s"], "steps_per_s": round1(fan["instances_per_s"].as_f64().unwrap_or(0.0) * 12.0), "per_second": fan["per_second"] },
+            },
+            "latency": latency,
+            "queries": query,
+            "substrate": raw,
+            "ward_share_of_broker": round3(ward_per_s / broker_per_s.max(1.0)),
+            "resources": resources,
+        }))
+    }
+    .await;
+    bar.finish_and_clear();
+    cluster.stop(&shape.tiers).await;
+    let figures = result?;
+    let report = json!({
+        "benchmark": "perf", "quick": options.quick, "seed": options.seed, "at": Utc::now(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "machine": machine(services).await,
+        "settings": { "masters": shape.masters, "workers": shape.workers, "worker_prefetch": shape.worker_prefetch,
+            "window_max": shape.window_max, "measure_s": options.measure_s, "warmup_s": options.warmup_s,
+            "synchronous_commit": "on", "closed_loop_clients": 64 },
+        "figures": figures,
+    });
+    let text = markdown(&report);
+    print!("{text}");
+    std::fs::create_dir_all(&options.out)?;
+    let stem = if options.quick { "perf-quick" } else { "perf" };
+    std::fs::write(
+        options.out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(options.out.join(format!("{stem}.md")), &text)?;
+    println!(
+        "results: {}",
+        options.out.join(format!("{stem}.json")).display()
+    );
+    Ok(report)
+}
+
+/// The machine and the versions of what runs on it.
+async fn machine(services: &Services) -> Value {
+    let postgres =
+        match tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+                    .query_one("SHOW server_version", &[])
+                    .await
+                    .map(|row| row.get::<_, String>(0))
+                    .unwrap_or_default()
+            }
+            Err(_) => String::new(),
+        };
+    let rabbitmq = std::process::Command::new("rabbitmqctl")
+        .arg("version")
+        .output()
+        .ok()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|model| model.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "postgres": postgres,
+        "rabbitmq": rabbitmq,
+    })
+}
+
+fn markdown(report: &Value) -> String {
+    let f = &report["figures"];
+    let mut text = format!(
+        "\n## ward-bench perf ({}), {} cores, Postgres {}, RabbitMQ {}\n\n| scenario | figure |\n| --- | --- |\n",
+        if report["quick"] == true {
+            "quick"
+        } else {
+            "full"
+        },
+        report["machine"]["cores"],
+        report["machine"]["postgres"].as_str().unwrap_or("?"),
+        report["machine"]["rabbitmq"].as_str().unwrap_or("?"),
+    );
+    let mut row = |name: &str, value: String| text.push_str(&format!("| {name} | {value} |\n"));
+    row(
+        "1. throughput, single-step no-op tasks/s",
+        f["throughput"]["instances_per_s"].to_string(),
+    );
+    row(
+        "2. 3-step chain: instances/s (steps/s)",
+        format!(
+            "{} ({})",
+            f["workflow_steps"]["chain"]["instances_per_s"],
+            f["workflow_steps"]["chain"]["steps_per_s"]
+        ),
+    );
+    row(
+        "2. fan-out 1-10-1: instances/s (steps/s)",
+        format!(
+            "{} ({})",
+            f["workflow_steps"]["fan_out"]["instances_per_s"],
+            f["workflow_steps"]["fan_out"]["steps_per_s"]
+        ),
+    );
+    for latency in f["latency"].as_array().into_iter().flatten() {
+        row(
+            &format!(
+                "3. at {} % ({} /s): schedule-to-start p50/p90/p99/max ms",
+                (latency["load_share"].as_f64().unwrap_or(0.0) * 100.0).round(),
+                latency["offered_per_s"]
+            ),
+            format!(
+                "{} / {} / {} / {}",
+                latency["schedule_to_start_ms"]["p50"],
+                latency["schedule_to_start_ms"]["p90"],
+                latency["schedule_to_start_ms"]["p99"],
+                latency["schedule_to_start_ms"]["max"]
+            ),
+        );
+        row(
+            &format!(
+                "3. at {} %: end-to-end p50/p90/p99/max ms",
+                (latency["load_share"].as_f64().unwrap_or(0.0) * 100.0).round()
+            ),
+            format!(
+                "{} / {} / {} / {}",
+                latency["end_to_end_ms"]["p50"],
+                latency["end_to_end_ms"]["p90"],
+                latency["end_to_end_ms"]["p99"],
+                latency["end_to_end_ms"]["max"]
+            ),
+        );
+    }
+    row(
+        "4. queries over stored instances: status p50/p99 ms",
+        format!(
+            "{} / {} ({} instances, {} tenants, {} clients)",
+            f["queries"]["status"]["p50_ms"],
+            f["queries"]["status"]["p99_ms"],
+            f["queries"]["stored_instances"],
+            f["queries"]["tenants"],
+            f["queries"]["clients"]
+        ),
+    );
+    row(
+        "4. filtered list p50/p99 ms",
+        format!(
+            "{} / {}",
+            f["queries"]["filtered_list"]["p50_ms"], f["queries"]["filtered_list"]["p99_ms"]
+        ),
+    );
+    row(
+        "5. RabbitMQ confirmed publish + consume-ack msgs/s",
+        f["substrate"]["rabbitmq_publish_and_consume_per_s"].to_string(),
+    );
+    row(
+        "5. Postgres single-row commits/s (32 connections)",
+        f["substrate"]["postgres_single_row_commits_per_s"].to_string(),
+    );
+    row(
+        "Ward throughput as a share of the broker alone",
+        f["ward_share_of_broker"].to_string(),
+    );
+    row(
+        "6. CPU s per 1,000 tasks: master / workers",
+        format!(
+            "{} / {}",
+            f["resources"]["cpu_s_per_1000_tasks_master"],
+            f["resources"]["cpu_s_per_1000_tasks_worker"]
+        ),
+    );
+    row(
+        "6. resident memory after scenario 1 (MB)",
+        f["resources"]["rss_mb_after_throughput"].to_string(),
+    );
+    text
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
