@@ -243,6 +243,28 @@ impl PrivateRabbit {
     }
 }
 
+impl Drop for PrivateRabbit {
+    /// Kills the node if the run ended early.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for PrivateEtcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// An etcd of the harness's own.
 struct PrivateEtcd {
     dir: PathBuf,
@@ -497,6 +519,11 @@ impl Harness {
                 "1000".to_owned(),
             ),
             ("WARD_SHUTDOWN_DEADLINE_MS".to_owned(), "3000".to_owned()),
+            // Bounds how long a leader paused mid-publish can hold the epoch row.
+            (
+                "WARD_AMQP__PUBLISH_TIMEOUT_MS".to_owned(),
+                "1000".to_owned(),
+            ),
             (
                 "WARD_LOG".to_owned(),
                 std::env::var("WARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
@@ -579,6 +606,23 @@ impl Harness {
             .await?;
         }
         self.wait_leader(Duration::from_secs(30)).await?;
+        // The harness's own witness of every dispatch mark: which epoch wrote
+        // it, in which transaction (its commit time is checked at the end).
+        self.sql()
+            .await?
+            .batch_execute(
+                "CREATE TABLE chaos_dispatch_log (task_run_id uuid, epoch bigint, xid xid8 NOT NULL);
+                 CREATE FUNCTION chaos_log_dispatch() RETURNS trigger LANGUAGE plpgsql
+                   SECURITY DEFINER SET search_path = chaos AS $$
+                 BEGIN
+                   INSERT INTO chaos_dispatch_log VALUES (NEW.id, NEW.dispatch_epoch, pg_current_xact_id());
+                   RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER chaos_log_dispatch AFTER UPDATE OF dispatch_epoch ON task_runs
+                   FOR EACH ROW WHEN (NEW.dispatch_epoch IS NOT NULL) EXECUTE FUNCTION chaos_log_dispatch();",
+            )
+            .await
+            .context("install the dispatch witness")?;
         println!("cluster: 3 masters, 3 workers ready");
         Ok(())
     }
@@ -679,10 +723,13 @@ impl Harness {
                 self.masters[leader].signal("CONT")?;
                 tokio::time::sleep(Duration::from_secs(LEASE_TTL_S + 1)).await;
                 let leads = self.leads(leader).await;
-                anyhow::ensure!(
-                    !leads || self.leader_index().await == Some(leader),
-                    "two leaders"
-                );
+                let mut leaders = 0;
+                for index in 0..self.masters.len() {
+                    if self.leads(index).await {
+                        leaders += 1;
+                    }
+                }
+                anyhow::ensure!(leaders <= 1, "{leaders} masters report leading at once");
                 let fenced_after = self.fenced(leader).await;
                 let rejected = fenced_after.saturating_sub(fenced_before);
                 self.stale_writes_rejected += rejected;
@@ -1039,12 +1086,21 @@ impl Harness {
             .filter(|key| !executions.contains_key(key.as_str()))
             .count();
         let executed_more_than_once = executions.values().filter(|count| **count > 1).count();
-        // A write accepted from a stale epoch: a run dispatched under epoch
-        // e at or after the instant a later epoch was claimed.
+        // A write accepted from a stale epoch: a dispatch mark of epoch e
+        // whose transaction COMMITTED after a later epoch was claimed (the
+        // claim reads its clock once the epoch row is locked, so every
+        // correctly fenced write of an older epoch committed before it).
         let stale: i64 = client
             .query_one(
-                "SELECT count(*) FROM task_runs r JOIN leader_terms t ON t.epoch > r.dispatch_epoch \
-                 WHERE r.dispatched_at >= t.claimed_at",
+                "SELECT count(*) FROM chaos_dispatch_log l JOIN leader_terms t ON t.epoch > l.epoch \
+                 WHERE pg_xact_commit_timestamp((l.xid::text)::xid) >= t.claimed_at",
+                &[],
+            )
+            .await?
+            .get(0);
+        let witnessed: i64 = client
+            .query_one(
+                "SELECT count(*) FROM chaos_dispatch_log WHERE pg_xact_commit_timestamp((xid::text)::xid) IS NOT NULL",
                 &[],
             )
             .await?
@@ -1082,6 +1138,7 @@ impl Harness {
             "keys_executed_more_than_once": executed_more_than_once,
             "committed_without_execution": committed_unexecuted,
             "stale_epoch_writes_accepted": stale,
+            "dispatch_marks_witnessed": witnessed,
             "stale_epoch_writes_rejected": self.stale_writes_rejected,
             "leader_terms": terms,
             "leader_failover_s": {
@@ -1142,6 +1199,16 @@ impl Harness {
         }
         if stale > 0 {
             problems.push(format!("{stale} writes accepted from a stale epoch"));
+        }
+        if witnessed < committed_total {
+            problems.push(format!(
+                "only {witnessed} dispatch marks witnessed for {committed_total} committed effects"
+            ));
+        }
+        if failed > 0 {
+            problems.push(format!(
+                "{failed} instances failed (the workload retries 30 times and should never fail)"
+            ));
         }
         if ids.is_empty() {
             problems.push("no submission was acknowledged".to_owned());

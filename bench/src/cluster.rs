@@ -464,6 +464,13 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+impl Drop for PrivatePostgres {
+    /// Stops the server if the run ended early (an error, a panic).
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A Postgres cluster of the benchmark's own (own folder and port), for
 /// scenarios that need more connections than the machine's server allows.
 pub struct PrivatePostgres {
@@ -514,7 +521,7 @@ impl PrivatePostgres {
         ])?;
         anyhow::ensure!(status.success(), "initdb failed");
         let options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={max_connections} -c shared_buffers=256MB -c fsync=on",
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={max_connections} -c shared_buffers=256MB -c fsync=on -c track_commit_timestamp=on",
             dir.display()
         );
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
@@ -571,6 +578,9 @@ impl PrivatePostgres {
     }
 
     pub fn stop(&self) {
+        if !self.dir.exists() {
+            return;
+        }
         let pg_ctl = self.bin.join("pg_ctl");
         let data = self.dir.join("data");
         let _ = std::process::Command::new("runuser")

@@ -114,7 +114,8 @@ pub async fn run(client: &Client, token: &str, options: Options) -> anyhow::Resu
         .map(|tier| (tier.clone(), TierState::default()))
         .collect();
     let mut events: Vec<Value> = Vec::new();
-    let mut next_port = options.port_base;
+    // Workers being stopped (draining); awaited before the autoscaler exits.
+    let mut stopping = tokio::task::JoinSet::new();
     loop {
         let status = client.get(token, "/v1/admin/cluster").await;
         let desired_by_tier: BTreeMap<String, Option<i64>> = match &status {
@@ -153,35 +154,26 @@ pub async fn run(client: &Client, token: &str, options: Options) -> anyhow::Resu
             if wanted > running {
                 state.lower_since = None;
                 for _ in running..wanted {
-                    let port = free_port_from(&mut next_port)?;
                     state.next_index += 1;
                     let node_id = format!("{}-{tier}-{}", options.node_prefix, state.next_index);
-                    let log =
-                        std::fs::File::create(options.log_dir.join(format!("{node_id}.log")))?;
-                    let child = Command::new(&worker_bin)
-                        .env("WARD_TIERS", tier)
-                        .env("WARD_NODE_ID", &node_id)
-                        .env("WARD_HTTP_ADDR", format!("127.0.0.1:{port}"))
-                        .stdin(Stdio::null())
-                        .stdout(log.try_clone()?)
-                        .stderr(log)
-                        .kill_on_drop(true)
-                        .spawn()
-                        .with_context(|| format!("start {}", worker_bin.display()))?;
-                    state.workers.push(Started {
-                        node_id,
-                        port,
-                        child,
-                    });
+                    match start_worker(&worker_bin, tier, &node_id, &options) {
+                        Ok((port, child)) => state.workers.push(Started {
+                            node_id,
+                            port,
+                            child,
+                        }),
+                        // Tried again at the next round.
+                        Err(error) => eprintln!("autoscale: start {node_id}: {error:#}"),
+                    }
                 }
-                say(&mut events, tier, running, wanted, desired);
+                let now_running = state.workers.len();
+                say(&mut events, tier, running, now_running, desired);
             } else if wanted < running {
                 let since = *state.lower_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= Duration::from_secs(options.scale_down_delay_s) {
                     // Newest first; each drains its in-flight tasks, then exits.
-                    let stopping: Vec<Started> = state.workers.drain(wanted..).collect();
-                    for worker in stopping {
-                        tokio::spawn(stop(worker));
+                    for worker in state.workers.drain(wanted..) {
+                        stopping.spawn(stop(worker));
                     }
                     state.lower_since = None;
                     say(&mut events, tier, running, wanted, desired);
@@ -191,8 +183,12 @@ pub async fn run(client: &Client, token: &str, options: Options) -> anyhow::Resu
             }
         }
         if let Some(path) = &options.targets_file {
-            write_targets(path, &tiers)?;
+            if let Err(error) = write_targets(path, &tiers) {
+                eprintln!("autoscale: {error:#}");
+            }
         }
+        // Reap the workers that finished draining.
+        while stopping.try_join_next().is_some() {}
         let sleep = tokio::time::sleep(Duration::from_millis(options.interval_ms.max(100)));
         let stop_now = tokio::select! {
             () = sleep => deadline.is_some_and(|deadline| Instant::now() >= deadline),
@@ -203,15 +199,13 @@ pub async fn run(client: &Client, token: &str, options: Options) -> anyhow::Resu
             break;
         }
     }
-    let mut stops = Vec::new();
     for state in tiers.values_mut() {
         for worker in state.workers.drain(..) {
-            stops.push(tokio::spawn(stop(worker)));
+            stopping.spawn(stop(worker));
         }
     }
-    for handle in stops {
-        let _ = handle.await;
-    }
+    // Every stopped worker drains before the autoscaler exits.
+    while stopping.join_next().await.is_some() {}
     if let Some(path) = &options.targets_file {
         write_targets(path, &tiers)?;
     }
@@ -237,22 +231,42 @@ async fn stop(mut worker: Started) {
     }
 }
 
-/// The next port from `next` that is free now (any free port when `next`
-/// is 0).
-fn free_port_from(next: &mut u16) -> anyhow::Result<u16> {
-    if *next == 0 {
+/// Starts one worker of `tier`; its port and process.
+fn start_worker(
+    worker_bin: &std::path::Path,
+    tier: &str,
+    node_id: &str,
+    options: &Options,
+) -> anyhow::Result<(u16, Child)> {
+    let port = free_port_from(options.port_base)?;
+    let log = std::fs::File::create(options.log_dir.join(format!("{node_id}.log")))?;
+    let child = Command::new(worker_bin)
+        .env("WARD_TIERS", tier)
+        .env("WARD_NODE_ID", node_id)
+        .env("WARD_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", worker_bin.display()))?;
+    Ok((port, child))
+}
+
+/// The first port from `base` that is free now (any free port when `base`
+/// is 0); ports of stopped workers are reused.
+fn free_port_from(base: u16) -> anyhow::Result<u16> {
+    if base == 0 {
         return Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
             .local_addr()?
             .port());
     }
-    for _ in 0..1_000 {
-        let port = *next;
-        *next = next.checked_add(1).context("out of ports")?;
+    for port in base..=base.saturating_add(1_000) {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
     }
-    bail!("no free port found after 1000 tries")
+    bail!("no free port from {base} to {}", base.saturating_add(1_000))
 }
 
 /// Writes the Prometheus file_sd target file atomically.

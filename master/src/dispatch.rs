@@ -369,6 +369,7 @@ fn lease(config: &Config) -> ward_store::Lease {
     ward_store::Lease {
         default_ms: i64::try_from(config.dispatch.lease_default_ms).unwrap_or(i64::MAX),
         grace_ms: i64::try_from(config.dispatch.lease_grace_ms).unwrap_or(i64::MAX),
+        publish_ms: i64::try_from(config.amqp.publish_timeout_ms).unwrap_or(i64::MAX),
     }
 }
 

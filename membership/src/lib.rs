@@ -40,8 +40,15 @@ async fn connect(settings: &Etcd) -> anyhow::Result<Client> {
 /// Keeps `member` registered until `shutdown`, then removes it.
 pub async fn register(settings: Etcd, member: MemberRecord, shutdown: CancellationToken) {
     let mut retry_delay_ms = RETRY_DELAY_MS_MIN;
+    let ttl = Duration::from_secs(settings.lease_ttl_s.unsigned_abs().max(1));
     while !shutdown.is_cancelled() {
-        match hold(&settings, &member, &shutdown).await {
+        let began = std::time::Instant::now();
+        let held = hold(&settings, &member, &shutdown).await;
+        // A registration that lasted a while was healthy: start over fast.
+        if began.elapsed() > ttl {
+            retry_delay_ms = RETRY_DELAY_MS_MIN;
+        }
+        match held {
             Ok(()) => return,
             Err(error) => {
                 tracing::debug!(
@@ -97,31 +104,37 @@ async fn hold(
             .await
             .context("keep-alive: timed out")?
             .context("keep-alive")?;
-    let result = loop {
+    // A slow renewal is retried until the lease would have expired; only
+    // then is it given up (and a new one granted by the caller).
+    let mut renewed_at = std::time::Instant::now();
+    loop {
         tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
+            () = shutdown.cancelled() => break,
             () = tokio::time::sleep(interval) => {}
         }
-        let renewal = tokio::time::timeout(interval, async {
+        let renewal = tokio::time::timeout(ttl / 2, async {
             keeper.keep_alive().await?;
             responses.message().await
         })
         .await;
         match renewal {
-            Ok(Ok(Some(response))) if response.ttl() > 0 => {}
-            Ok(Ok(Some(_))) => break Err(anyhow::anyhow!("lease expired")),
-            Ok(Ok(None)) => break Err(anyhow::anyhow!("keep-alive stream closed")),
-            Ok(Err(error)) => break Err(error.into()),
-            Err(_) => break Err(anyhow::anyhow!("keep-alive timed out")),
+            Ok(Ok(Some(response))) if response.ttl() > 0 => renewed_at = std::time::Instant::now(),
+            Ok(Ok(Some(_))) => anyhow::bail!("lease expired"),
+            Ok(Ok(None)) => anyhow::bail!("keep-alive stream closed"),
+            Ok(Err(_)) | Err(_) => {}
         }
-    };
-    // Leaving (or giving up on this lease): remove the key at once.
+        anyhow::ensure!(
+            renewed_at.elapsed() < ttl,
+            "lease not renewed within its TTL"
+        );
+    }
+    // Leaving: remove the key at once.
     let _ = tokio::time::timeout(
         Duration::from_millis(REVOKE_TIMEOUT_MS),
         client.lease_revoke(lease_id),
     )
     .await;
-    result
+    Ok(())
 }
 
 /// Every registered member, masters first, each sorted by node id.

@@ -75,7 +75,8 @@ fn to_hex(bytes: &[u8]) -> String {
     text
 }
 
-/// The span id of a hop, from the first 8 bytes of an id (a task run's).
+/// The span id of a hop, from the last 8 bytes of an id (a task run's
+/// UUIDv7: its random part).
 pub fn span_bytes(id: &[u8; 16]) -> [u8; 8] {
     let mut span = [0u8; 8];
     span.copy_from_slice(&id[8..16]);

@@ -75,7 +75,9 @@ impl Store {
             ),
             (None, reason) => format!("unreadable task message dead-lettered: {reason}"),
         };
-        let mut body = String::from_utf8_lossy(&letter.body).into_owned();
+        // Postgres text holds no NUL: drop them from what is kept.
+        let mut body = String::from_utf8_lossy(&letter.body).replace('\0', "");
+        let detail = detail.replace('\0', "");
         if body.len() > DEAD_LETTER_BODY_BYTES_MAX {
             let mut cut = DEAD_LETTER_BODY_BYTES_MAX;
             while !body.is_char_boundary(cut) {

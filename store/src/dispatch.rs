@@ -476,12 +476,18 @@ impl Store {
 }
 
 /// How long a dispatched run's lease lasts: its step's `timeout_ms` (or
-/// `default_ms`) plus `grace_ms`. Heartbeats extend it.
+/// `default_ms`) plus `grace_ms`. Heartbeats extend it. `publish_ms` bounds
+/// how long the dispatch transaction waits for publisher confirms: it may
+/// sit idle that long (plus a margin) instead of the pool's `TX_IDLE_MS_MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub default_ms: i64,
     pub grace_ms: i64,
+    pub publish_ms: i64,
 }
+
+/// Added to `Lease::publish_ms` for the dispatch transaction's idle bound.
+const PUBLISH_IDLE_MARGIN_MS: i64 = 500;
 
 /// A fair-dispatch decision: up to `count` of a tenant's oldest ready runs of `tier`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -507,6 +513,16 @@ where
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
+    // The transaction waits idle for the confirms: allow that, and no more.
+    transaction
+        .batch_execute(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            lease
+                .publish_ms
+                .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
+                + PUBLISH_IDLE_MARGIN_MS
+        ))
+        .await?;
     let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
     let mut per_tenant: HashMap<Uuid, usize> = HashMap::new();
     let tasks: Vec<ReadyTask> = rows

@@ -91,8 +91,8 @@ pub struct Settings {
 /// (SIGSTOP, VM freeze) holding a transaction can block others: a paused
 /// leader holding the epoch row would delay its successor's claim, a paused
 /// worker holding an instance row would stall the leader's lease reaper.
-/// A batch whose confirms take longer fails and is dispatched again
-/// (delivery is at least once).
+/// The dispatch transaction, which waits for publisher confirms, raises its
+/// own bound to the publish timeout (`Lease::publish_ms`).
 pub const TX_IDLE_MS_MAX: u64 = 1_500;
 
 /// The application role the migration runner creates and grants.

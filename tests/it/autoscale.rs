@@ -73,7 +73,7 @@ steps:
         .arg("--log-dir")
         .arg(&log_dir)
         .arg("--run-for-s")
-        .arg("120")
+        .arg("600")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -104,15 +104,17 @@ steps:
         );
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    let peak = loop {
+    let mut desired_max = 0;
+    loop {
         let tier = gold(&sandbox, &url).await;
+        desired_max = desired_max.max(tier["workers_desired"].as_i64().unwrap_or(0));
         if tier["workers"] == 3 {
-            break tier;
+            break;
         }
         assert!(Instant::now() < deadline, "never scaled up: {tier}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(peak["workers_desired"].as_i64().unwrap_or(0) >= 2, "{peak}");
+    }
+    assert_eq!(desired_max, 3, "the leader asked for the maximum");
     let listed: Value = serde_json::from_slice(&std::fs::read(&targets).unwrap()).unwrap();
     assert_eq!(
         listed[0]["targets"].as_array().unwrap().len(),

@@ -15,6 +15,7 @@ use crate::sandbox::{LEASE_TTL_S, Sandbox, sequential, wait_ready};
 const LEASE: ward_store::Lease = ward_store::Lease {
     default_ms: 60_000,
     grace_ms: 10_000,
+    publish_ms: 5_000,
 };
 
 /// Polls the masters' `/readyz` until exactly one reports leading; returns its index.

@@ -106,7 +106,7 @@ pub async fn start(
         if started.created {
             state.metrics.instances_started_total.inc();
         }
-        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, created = started.created, "instance start");
+        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, created = started.created, traceparent = ?request.trace_parent, "instance start");
         let code = if started.created { StatusCode::CREATED } else { StatusCode::OK };
         Ok((
             code,
