@@ -38,11 +38,20 @@ pub async fn run(
         timer.observe_duration();
         let pause_ms = match result {
             Ok((fired, started, reaped, expired)) => {
-                metrics.leases_expired_total.inc_by(expired as u64);
-                metrics.timers_fired_total.inc_by(fired as u64);
+                metrics.leases_expired_total.inc_by(expired.count as u64);
+                metrics.timers_fired_total.inc_by(fired.count as u64);
                 metrics.schedule_starts_total.inc_by(started as u64);
                 metrics.locks_expired_total.inc_by(reaped);
-                let busy = i64::try_from(fired.max(started)).unwrap_or(i64::MAX) >= batch_len_max;
+                for status in fired.ended.iter().chain(&expired.ended) {
+                    if crate::metrics::INSTANCE_END_STATES.contains(&status.as_str()) {
+                        metrics
+                            .instances_finished_total
+                            .with_label_values(&[status.as_str()])
+                            .inc();
+                    }
+                }
+                let busy =
+                    i64::try_from(fired.count.max(started)).unwrap_or(i64::MAX) >= batch_len_max;
                 if busy { 0 } else { settings.timer_poll_ms }
             }
             Err(ward_store::Error::Fenced {

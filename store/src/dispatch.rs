@@ -197,8 +197,9 @@ impl Store {
 
     /// Fires up to `batch_len_max` due timers, each in its own fenced
     /// transaction: a retry backoff makes its run ready, a delay completes,
-    /// a signal wait times out. Returns how many fired.
-    pub async fn fire_due_timers(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
+    /// a signal wait times out. Returns how many fired and the instances
+    /// they ended.
+    pub async fn fire_due_timers(&self, epoch: i64, batch_len_max: i64) -> Result<Fired, Error> {
         let due = {
             let mut client = self.pool.get().await?;
             let client = scoped(&mut client, Scope::System).await?;
@@ -210,13 +211,14 @@ impl Store {
                 )
                 .await?
         };
-        let mut fired = 0;
+        let mut fired = Fired::default();
         for row in due {
             let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
                 (row.get(0), row.get(1), row.get(2));
             let mut client = self.pool.get().await?;
             let transaction = scoped(&mut client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
+            let mut completion = None;
             // Instance first, then the run: the order every writer uses.
             if progress::lock_instance(&transaction, tenant_id, instance_id)
                 .await?
@@ -252,38 +254,43 @@ impl Store {
                 }
                 "delay" => {
                     let input: Value = run.get(1);
-                    progress::settle(
-                        &transaction,
-                        tenant_id,
-                        instance_id,
-                        task_run_id,
-                        &[RunState::Waiting],
-                        None,
-                        Settlement::Succeeded(input),
-                        None,
-                    )
-                    .await?;
+                    completion = Some(
+                        progress::settle(
+                            &transaction,
+                            tenant_id,
+                            instance_id,
+                            task_run_id,
+                            &[RunState::Waiting],
+                            None,
+                            Settlement::Succeeded(input),
+                            None,
+                        )
+                        .await?,
+                    );
                 }
                 "wait_signal" => {
                     let signal: Option<String> = run.get(2);
                     let error =
                         format!("no signal `{}` arrived in time", signal.unwrap_or_default());
-                    progress::settle(
-                        &transaction,
-                        tenant_id,
-                        instance_id,
-                        task_run_id,
-                        &[RunState::Waiting],
-                        None,
-                        Settlement::TimedOut(error),
-                        None,
-                    )
-                    .await?;
+                    completion = Some(
+                        progress::settle(
+                            &transaction,
+                            tenant_id,
+                            instance_id,
+                            task_run_id,
+                            &[RunState::Waiting],
+                            None,
+                            Settlement::TimedOut(error),
+                            None,
+                        )
+                        .await?,
+                    );
                 }
                 other => return Err(Error::Corrupt(format!("a {other} run has a timer"))),
             }
             transaction.commit().await?;
-            fired += 1;
+            fired.count += 1;
+            fired.note(completion);
         }
         Ok(fired)
     }
@@ -293,7 +300,7 @@ impl Store {
     /// transaction, as retryable: the step's retry policy runs another
     /// attempt. A late answer from the old attempt is then a duplicate.
     /// Returns how many expired.
-    pub async fn expire_leases(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
+    pub async fn expire_leases(&self, epoch: i64, batch_len_max: i64) -> Result<Fired, Error> {
         let expired = {
             let mut client = self.pool.get().await?;
             let client = scoped(&mut client, Scope::System).await?;
@@ -305,7 +312,7 @@ impl Store {
                 )
                 .await?
         };
-        let mut count = 0;
+        let mut fired = Fired::default();
         for row in expired {
             let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
                 (row.get(0), row.get(1), row.get(2));
@@ -339,10 +346,11 @@ impl Store {
             .await?;
             if matches!(completion, crate::Completion::Applied { .. }) {
                 transaction.commit().await?;
-                count += 1;
+                fired.count += 1;
+                fired.note(Some(completion));
             }
         }
-        Ok(count)
+        Ok(fired)
     }
 
     /// Extends the lease of a dispatched run (a handler's heartbeat).
@@ -484,6 +492,24 @@ pub struct Lease {
     pub default_ms: i64,
     pub grace_ms: i64,
     pub publish_ms: i64,
+}
+
+/// What a leader loop fired: how many, and the end states of the instances
+/// it ended (for `ward_instances_finished_total`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fired {
+    pub count: usize,
+    pub ended: Vec<String>,
+}
+
+impl Fired {
+    fn note(&mut self, completion: Option<crate::Completion>) {
+        if let Some(crate::Completion::Applied { instance_status }) = completion {
+            if instance_status != ward_shared::wire::status::RUNNING {
+                self.ended.push(instance_status);
+            }
+        }
+    }
 }
 
 /// Added to `Lease::publish_ms` for the dispatch transaction's idle bound.

@@ -19,7 +19,7 @@ use tokio_postgres::NoTls;
 pub use dead_letters::{
     DEAD_LETTER_BODY_BYTES_MAX, DEAD_LETTER_PAGE_MAX, DeadLetter, DeadLetterOutcome,
 };
-pub use dispatch::{Lease, Pick, ReadyTask};
+pub use dispatch::{Fired, Lease, Pick, ReadyTask};
 pub use listen::Listener;
 pub use progress::{Completion, DEPTH_MAX, Settlement};
 pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX};

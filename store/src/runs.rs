@@ -18,7 +18,11 @@ pub const LOCK_MS_MAX: u64 = 3_600_000;
 /// What an external worker's call did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExternalOutcome {
-    Applied,
+    /// Done; `instance_status` is the instance's status after it (set by
+    /// complete and fail, None for extend-lock).
+    Applied {
+        instance_status: Option<String>,
+    },
     /// The task is not locked by this worker (its lock expired, or another
     /// worker holds it, or it already ended); nothing changed.
     NotLocked {
@@ -129,9 +133,11 @@ impl Store {
         )
         .await?;
         match completion {
-            Completion::Applied { .. } => {
+            Completion::Applied { instance_status } => {
                 transaction.commit().await?;
-                Ok(ExternalOutcome::Applied)
+                Ok(ExternalOutcome::Applied {
+                    instance_status: Some(instance_status),
+                })
             }
             Completion::Duplicate => {
                 let state: String = transaction
@@ -164,7 +170,9 @@ impl Store {
             .await?;
         if extended == 1 {
             client.commit().await?;
-            return Ok(ExternalOutcome::Applied);
+            return Ok(ExternalOutcome::Applied {
+                instance_status: None,
+            });
         }
         let row = client
             .query_opt(

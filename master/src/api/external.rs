@@ -113,7 +113,7 @@ pub async fn complete(
             )
             .await
             .map_err(ApiError::store)?;
-        answer(outcome, task_run_id, &request.worker_id)
+        answer(&state, outcome, task_run_id, &request.worker_id)
     }
     .await;
     respond(&state, result)
@@ -137,7 +137,7 @@ pub async fn fail(
             .settle_external(&tenant, task_run_id, &request.worker_id, settlement)
             .await
             .map_err(ApiError::store)?;
-        answer(outcome, task_run_id, &request.worker_id)
+        answer(&state, outcome, task_run_id, &request.worker_id)
     }
     .await;
     respond(&state, result)
@@ -163,19 +163,31 @@ pub async fn extend_lock(
             .extend_lock(&tenant, task_run_id, &request.worker_id, request.lock_ms)
             .await
             .map_err(ApiError::store)?;
-        answer(outcome, task_run_id, &request.worker_id)
+        answer(&state, outcome, task_run_id, &request.worker_id)
     }
     .await;
     respond(&state, result)
 }
 
 fn answer(
+    state: &AppState,
     outcome: ExternalOutcome,
     task_run_id: uuid::Uuid,
     worker_id: &str,
 ) -> Result<serde_json::Value, ApiError> {
     match outcome {
-        ExternalOutcome::Applied => Ok(json!({ "task_run_id": task_run_id, "applied": true })),
+        ExternalOutcome::Applied { instance_status } => {
+            if let Some(status) = instance_status
+                .filter(|status| crate::metrics::INSTANCE_END_STATES.contains(&status.as_str()))
+            {
+                state
+                    .metrics
+                    .instances_finished_total
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+            }
+            Ok(json!({ "task_run_id": task_run_id, "applied": true }))
+        }
         ExternalOutcome::NotLocked { state } => Err(ApiError::new(
             StatusCode::CONFLICT,
             "task_not_locked",
