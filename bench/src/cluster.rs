@@ -308,34 +308,10 @@ impl Cluster {
         }
     }
 
-    /// Waits until no instance is running.
-    pub async fn wait_ended_all(&self, timeout: Duration) -> anyhow::Result<()> {
-        let sql = self.sql().await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let running: i64 = sql
-                .query_one(
-                    "SELECT count(*) FROM instances WHERE status = 'running'",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if running == 0 {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{}: {running} instances still running after {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Waits until every instance of `ids` has ended.
+    /// Waits until no instance is running (of `ids`, or at all).
     pub async fn wait_ids_ended(
         &self,
-        ids: &[uuid::Uuid],
+        ids: Option<&[uuid::Uuid]>,
         timeout: Duration,
     ) -> anyhow::Result<()> {
         let sql = self.sql().await?;
@@ -343,7 +319,8 @@ impl Cluster {
         loop {
             let running: i64 = sql
                 .query_one(
-                    "SELECT count(*) FROM instances WHERE id = ANY($1) AND status = 'running'",
+                    "SELECT count(*) FROM instances WHERE status = 'running' \
+                     AND ($1::uuid[] IS NULL OR id = ANY($1))",
                     &[&ids],
                 )
                 .await?

@@ -198,7 +198,9 @@ async fn sustained(
     watched?;
     let (total, series, (cpu_master, cpu_worker)) = result?;
     // Drain what is left so the next scenario starts from an empty queue.
-    cluster.wait_ended_all(Duration::from_secs(300)).await?;
+    cluster
+        .wait_ids_ended(None, Duration::from_secs(300))
+        .await?;
     let _ = (cpu_master_before, cpu_worker_before);
     let per_s = total as f64 / options.measure_s as f64;
     Ok(json!({
@@ -257,7 +259,7 @@ async fn latency_at(
     }
     let ids: Vec<uuid::Uuid> = sent.iter().map(|(id, _)| *id).collect();
     cluster
-        .wait_ids_ended(&ids, Duration::from_secs(120))
+        .wait_ids_ended(Some(&ids), Duration::from_secs(120))
         .await?;
     let sql = cluster.sql().await?;
     let rows = sql

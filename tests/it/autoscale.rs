@@ -10,16 +10,7 @@ use serde_json::{Value, json};
 use crate::sandbox::{ADMIN_TOKEN, Sandbox, binary_path};
 
 async fn gold(sandbox: &Sandbox, url: &str) -> Value {
-    let (status, body) = sandbox
-        .call(
-            reqwest::Method::GET,
-            &format!("{url}/v1/admin/cluster"),
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body["tiers"]
+    sandbox.cluster_status(url).await["tiers"]
         .as_array()
         .unwrap()
         .iter()

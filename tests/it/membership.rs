@@ -10,19 +10,6 @@ use ward_worker::Registry;
 
 use crate::sandbox::{ADMIN_TOKEN, Sandbox, binary_path, wait_ready};
 
-async fn cluster(sandbox: &Sandbox, url: &str) -> Value {
-    let (status, body) = sandbox
-        .call(
-            reqwest::Method::GET,
-            &format!("{url}/v1/admin/cluster"),
-            Some(ADMIN_TOKEN),
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 async fn wait_cluster(
     sandbox: &Sandbox,
     url: &str,
@@ -31,7 +18,7 @@ async fn wait_cluster(
 ) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let status = cluster(sandbox, url).await;
+        let status = sandbox.cluster_status(url).await;
         if done(&status) {
             return status;
         }

@@ -206,6 +206,20 @@ impl Sandbox {
         body["api_key"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /v1/admin/cluster` of a master (asserts 200).
+    pub async fn cluster_status(&self, base_url: &str) -> Value {
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("{base_url}/v1/admin/cluster"),
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// Sends a request; returns the status and the JSON body.
     pub async fn call(
         &self,
