@@ -7,6 +7,7 @@ use uuid::Uuid;
 use ward_shared::engine::RunState;
 use ward_shared::wire::{DeadLetterRecord, TaskMessage};
 
+use crate::Cached;
 use crate::progress::{self, Completion, Settlement};
 use crate::{Error, Scope, Store, scoped};
 
@@ -50,7 +51,7 @@ impl Store {
         let message = letter.message.as_ref();
         let tier: Option<String> = match message {
             Some(message) => transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT tier FROM task_runs WHERE tenant_id = $1 AND id = $2",
                     &[&message.tenant_id, &message.task_run_id],
                 )
@@ -88,14 +89,14 @@ impl Store {
         // A dead letter of a known run is recorded once; an unreadable one each time.
         let tenant_known = match message {
             Some(message) => transaction
-                .query_opt("SELECT 1 FROM tenants WHERE id = $1", &[&message.tenant_id])
+                .query_opt_c("SELECT 1 FROM tenants WHERE id = $1", &[&message.tenant_id])
                 .await?
                 .is_some(),
             None => false,
         };
         let message = message.filter(|_| tenant_known);
         let inserted = transaction
-            .execute(
+            .execute_c(
                 "INSERT INTO dead_letters (id, tenant_id, instance_id, task_run_id, step_id, attempt, tier, \
                  reason, deliveries, detail, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                  ON CONFLICT (task_run_id) DO NOTHING",
@@ -156,7 +157,7 @@ impl Store {
         };
         let transaction = scoped(&mut client, scope).await?;
         let rows = transaction
-            .query(
+            .query_c(
                 "SELECT id, tenant_id, instance_id, task_run_id, step_id, attempt, tier, reason, \
                  deliveries, detail, created_at FROM dead_letters \
                  WHERE ($1::uuid IS NULL OR tenant_id = $1) ORDER BY created_at DESC LIMIT $2",

@@ -13,6 +13,7 @@ use ward_shared::schedule::Cron;
 use ward_shared::trace::{TraceParent, span_bytes};
 use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
+use crate::Cached;
 use crate::progress::{self, Settlement};
 use crate::{Error, READY_CHANNEL, Scope, Store, Tenant, scoped};
 
@@ -40,7 +41,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = client.transaction().await?;
         let claimed = transaction
-            .query_opt(
+            .query_opt_c(
                 "INSERT INTO leader_epoch (id, epoch, holder, elected_at, etcd_cluster_id, etcd_revision) \
                  VALUES (1, 1, $3, now(), $2, $1) \
                  ON CONFLICT (id) DO UPDATE SET epoch = leader_epoch.epoch + 1, holder = EXCLUDED.holder, \
@@ -56,7 +57,7 @@ impl Store {
             // Read the clock after the epoch row is locked: every write fenced
             // by an older epoch committed before this instant.
             transaction
-                .execute(
+                .execute_c(
                     "INSERT INTO leader_terms (epoch, holder, etcd_cluster_id, etcd_revision, claimed_at) \
                      VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (epoch) DO NOTHING",
                     &[&epoch, &holder, &etcd_cluster_id, &revision],
@@ -77,7 +78,7 @@ impl Store {
     pub async fn leader(&self) -> Result<Option<ward_shared::wire::LeaderRecord>, Error> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT holder, epoch, elected_at FROM leader_epoch WHERE id = 1",
                 &[],
             )
@@ -93,7 +94,7 @@ impl Store {
     pub async fn current_epoch(&self) -> Result<Option<i64>, Error> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt("SELECT epoch FROM leader_epoch WHERE id = 1", &[])
+            .query_opt_c("SELECT epoch FROM leader_epoch WHERE id = 1", &[])
             .await?;
         Ok(row.map(|row| row.get(0)))
     }
@@ -122,7 +123,7 @@ impl Store {
         let transaction = scoped(&mut client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let rows = transaction
-            .query(
+            .query_c(
                 "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
                  coalesce(available_at, created_at), \
                  (SELECT i.trace_parent FROM instances i WHERE i.id = task_runs.instance_id) FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -164,7 +165,7 @@ impl Store {
         let transaction = scoped(&mut client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let rows = transaction
-            .query(
+            .query_c(
                 "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
                  r.input, r.kind, r.config, coalesce(r.available_at, r.created_at), \
                  (SELECT i.trace_parent FROM instances i WHERE i.id = r.instance_id) \
@@ -184,7 +185,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let rows = client
-            .query(
+            .query_c(
                 "SELECT tier, count(*) FROM task_runs WHERE state = 'ready' AND NOT external GROUP BY tier",
                 &[],
             )
@@ -204,7 +205,7 @@ impl Store {
             let mut client = self.pool.get().await?;
             let client = scoped(&mut client, Scope::System).await?;
             client
-                .query(
+                .query_c(
                     "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'waiting' \
                      AND available_at <= now() ORDER BY available_at LIMIT $1",
                     &[&batch_len_max],
@@ -227,7 +228,7 @@ impl Store {
                 continue;
             }
             let Some(run) = transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT kind, input, signal, available_at - created_at FROM task_runs \
                      WHERE id = $1 AND state = 'waiting' AND available_at <= now() FOR UPDATE",
                     &[&task_run_id],
@@ -240,13 +241,13 @@ impl Store {
             match kind.as_str() {
                 "task" | "http" => {
                     transaction
-                        .execute(
+                        .execute_c(
                             "UPDATE task_runs SET state = 'ready' WHERE id = $1",
                             &[&task_run_id],
                         )
                         .await?;
                     transaction
-                        .execute(
+                        .execute_c(
                             "SELECT pg_notify($1, $2)",
                             &[&READY_CHANNEL, &tenant_id.to_string()],
                         )
@@ -305,7 +306,7 @@ impl Store {
             let mut client = self.pool.get().await?;
             let client = scoped(&mut client, Scope::System).await?;
             client
-                .query(
+                .query_c(
                     "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'dispatched' \
                      AND lease_expires_at < now() ORDER BY lease_expires_at LIMIT $1",
                     &[&batch_len_max],
@@ -320,7 +321,7 @@ impl Store {
             let transaction = scoped(&mut client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let still_expired = transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT 1 FROM task_runs WHERE id = $1 AND state = 'dispatched' AND lease_expires_at < now()",
                     &[&task_run_id],
                 )
@@ -365,7 +366,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant_id)).await?;
         let extended = client
-            .execute(
+            .execute_c(
                 "UPDATE task_runs SET lease_expires_at = now() + $1::bigint * interval '1 millisecond' \
                  WHERE tenant_id = $2 AND id = $3 AND state = 'dispatched'",
                 &[&lease_ms, &tenant_id, &task_run_id],
@@ -382,7 +383,7 @@ impl Store {
         let transaction = scoped(&mut client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let reaped = transaction
-            .execute(
+            .execute_c(
                 "UPDATE task_runs SET state = 'ready', lock_owner = NULL, locked_until = NULL, dispatched_at = NULL \
                  WHERE id IN (SELECT id FROM task_runs WHERE state = 'locked' AND locked_until < now() \
                  ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)",
@@ -391,7 +392,7 @@ impl Store {
             .await?;
         if reaped > 0 {
             transaction
-                .execute("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
+                .execute_c("SELECT pg_notify($1, '')", &[&READY_CHANNEL])
                 .await?;
         }
         transaction.commit().await?;
@@ -407,7 +408,7 @@ impl Store {
             let mut client = self.pool.get().await?;
             let client = scoped(&mut client, Scope::System).await?;
             client
-                .query(
+                .query_c(
                     "SELECT id FROM schedules WHERE enabled AND next_fire_at <= now() ORDER BY next_fire_at LIMIT $1",
                     &[&batch_len_max],
                 )
@@ -422,7 +423,7 @@ impl Store {
             let transaction = scoped(&mut client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let Some(row) = transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT s.tenant_id, t.slug, t.tier, s.name, s.definition, s.version, s.cron, s.input, s.next_fire_at \
                      FROM schedules s JOIN tenants t ON t.id = s.tenant_id \
                      WHERE s.id = $1 AND s.enabled AND s.next_fire_at <= now() FOR UPDATE OF s SKIP LOCKED",
@@ -472,7 +473,7 @@ impl Store {
                 .and_then(|cron| cron.next_after(tick.max(Utc::now())))
                 .unwrap_or_else(|| Utc::now() + chrono::Duration::days(365));
             transaction
-                .execute(
+                .execute_c(
                     "UPDATE schedules SET next_fire_at = $1, last_fire_at = $2, last_error = $3 WHERE id = $4",
                     &[&next, &tick, &last_error, &schedule_id],
                 )
@@ -525,7 +526,7 @@ pub struct Pick {
 
 /// Publishes the claimed rows and marks them dispatched in `transaction`.
 async fn publish_and_mark<F, Fut, E>(
-    transaction: &tokio_postgres::Transaction<'_>,
+    transaction: &deadpool_postgres::Transaction<'_>,
     epoch: i64,
     lease: Lease,
     rows: Vec<tokio_postgres::Row>,
@@ -598,7 +599,7 @@ where
         .await
         .map_err(|error| Error::Publish(error.into()))?;
     transaction
-        .execute(
+        .execute_c(
             "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2, \
              lease_expires_at = now() + (coalesce((config->>'timeout_ms')::bigint, $4) + $5) * interval '1 millisecond' \
              WHERE id = ANY($3) AND state = 'ready'",
@@ -616,7 +617,7 @@ async fn check_epoch(
     epoch: i64,
 ) -> Result<(), Error> {
     let row = transaction
-        .query_opt("SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE", &[])
+        .query_opt_c("SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE", &[])
         .await?;
     let epoch_current: i64 = row.map(|row| row.get(0)).unwrap_or_default();
     if epoch_current != epoch {

@@ -119,7 +119,7 @@ pub(crate) async fn scoped(
         Scope::System => (String::new(), "on"),
     };
     transaction
-        .execute(
+        .execute_c(
             "SELECT set_config('ward.tenant_id', $1, true), set_config('ward.system', $2, true)",
             &[&tenant, &system],
         )
@@ -299,3 +299,71 @@ fn ignore_duplicate(error: tokio_postgres::Error) -> Result<(), tokio_postgres::
         _ => Err(error),
     }
 }
+
+/// Statements through the pooled connection's prepared-statement cache:
+/// each distinct SQL text is parsed and planned once per connection, and
+/// runs in one round trip instead of two.
+pub(crate) trait Cached {
+    async fn query_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>;
+    async fn query_one_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error>;
+    async fn query_opt_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error>;
+    async fn execute_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error>;
+}
+
+macro_rules! cached_impl {
+    ($type:ty) => {
+        impl Cached for $type {
+            async fn query_c(
+                &self,
+                sql: &str,
+                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+            ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                self.query(&statement, params).await
+            }
+            async fn query_one_c(
+                &self,
+                sql: &str,
+                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+            ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                self.query_one(&statement, params).await
+            }
+            async fn query_opt_c(
+                &self,
+                sql: &str,
+                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+            ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                self.query_opt(&statement, params).await
+            }
+            async fn execute_c(
+                &self,
+                sql: &str,
+                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+            ) -> Result<u64, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                self.execute(&statement, params).await
+            }
+        }
+    };
+}
+
+cached_impl!(deadpool_postgres::Transaction<'_>);
+cached_impl!(deadpool_postgres::ClientWrapper);

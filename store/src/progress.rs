@@ -4,14 +4,15 @@
 //! step when a child ends. Every caller holds the instance row lock.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 use ward_shared::engine::{self, End, Run, RunState, Start, idempotency_key};
 use ward_shared::wire::status;
 use ward_shared::{Definition, StepKind};
 
+use crate::Cached;
 use crate::{Error, READY_CHANNEL};
 
 /// Deepest nesting of sub-workflows.
@@ -57,7 +58,7 @@ pub(crate) async fn lock_instance(
     instance_id: Uuid,
 ) -> Result<Option<Locked>, Error> {
     let Some(row) = transaction
-        .query_opt(
+        .query_opt_c(
             "SELECT i.status, d.spec, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, t.tier \
              FROM instances i JOIN definitions d ON d.id = i.definition_id JOIN tenants t ON t.id = i.tenant_id \
              WHERE i.tenant_id = $1 AND i.id = $2 FOR UPDATE OF i",
@@ -109,7 +110,7 @@ pub(crate) fn settle<'a>(
         };
         let expected: Vec<&str> = expected.iter().map(|state| state.as_str()).collect();
         let updated = transaction
-            .execute(
+            .execute_c(
                 "UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = $4, \
                  started_at = coalesce($5, started_at), finished_at = now() \
                  WHERE tenant_id = $6 AND id = $7 AND instance_id = $8 AND state = ANY($9) \
@@ -130,7 +131,7 @@ pub(crate) fn settle<'a>(
             .await?;
         if updated == 0 {
             let exists = transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT 1 FROM task_runs WHERE tenant_id = $1 AND id = $2",
                     &[&tenant_id, &task_run_id],
                 )
@@ -182,7 +183,7 @@ pub(crate) fn advance<'a>(
             }
             if made_ready {
                 transaction
-                    .execute(
+                    .execute_c(
                         "SELECT pg_notify($1, $2)",
                         &[&READY_CHANNEL, &instance.tenant_id.to_string()],
                     )
@@ -198,7 +199,7 @@ pub(crate) fn advance<'a>(
 
 async fn load_runs(transaction: &Transaction<'_>, instance: &Locked) -> Result<Vec<Run>, Error> {
     let rows = transaction
-        .query(
+        .query_c(
             "SELECT step_id, attempt, state, input, output, error, retryable FROM task_runs \
              WHERE tenant_id = $1 AND instance_id = $2",
             &[&instance.tenant_id, &instance.id],
@@ -291,7 +292,7 @@ async fn insert_start(
         StepKind::WaitSignal => {
             let signal = step.signal.as_deref().unwrap_or_default();
             let buffered = transaction
-                .query_opt(
+                .query_opt_c(
                     "SELECT id, payload FROM signals WHERE tenant_id = $1 AND instance_id = $2 AND name = $3 \
                      AND consumed_by IS NULL ORDER BY received_at, id LIMIT 1 FOR UPDATE",
                     &[&instance.tenant_id, &instance.id, &signal],
@@ -307,7 +308,7 @@ async fn insert_start(
             )
             .await?;
             transaction
-                .execute(
+                .execute_c(
                     "UPDATE task_runs SET signal = $1 WHERE id = $2",
                     &[&signal, &run.id],
                 )
@@ -316,7 +317,7 @@ async fn insert_start(
                 let signal_id: Uuid = buffered.get(0);
                 let payload: Value = buffered.get(1);
                 transaction
-                    .execute(
+                    .execute_c(
                         "UPDATE signals SET consumed_by = $1 WHERE id = $2",
                         &[&run.id, &signal_id],
                     )
@@ -357,7 +358,7 @@ async fn insert_start(
                 return fail(format!("definition `{name}` not found")).await;
             };
             transaction
-                .execute(
+                .execute_c(
                     "UPDATE task_runs SET child_instance_id = $1 WHERE id = $2",
                     &[&child.id, &run.id],
                 )
@@ -367,7 +368,7 @@ async fn insert_start(
                 status::RUNNING => Ok((false, false)),
                 status::COMPLETED => {
                     let output: Option<Value> = transaction
-                        .query_one("SELECT output FROM instances WHERE id = $1", &[&child.id])
+                        .query_one_c("SELECT output FROM instances WHERE id = $1", &[&child.id])
                         .await?
                         .get(0);
                     finish_run(
@@ -382,7 +383,7 @@ async fn insert_start(
                 }
                 _ => {
                     let error: Option<String> = transaction
-                        .query_one("SELECT error FROM instances WHERE id = $1", &[&child.id])
+                        .query_one_c("SELECT error FROM instances WHERE id = $1", &[&child.id])
                         .await?
                         .get(0);
                     fail(format!(
@@ -418,7 +419,7 @@ async fn insert_run(
     let wait_ms = wait_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
     let finished = state == RunState::Skipped;
     transaction
-        .execute(
+        .execute_c(
             "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
              idempotency_key, input, external, config, available_at, finished_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
@@ -455,7 +456,7 @@ async fn finish_run(
     error: Option<&str>,
 ) -> Result<(), Error> {
     transaction
-        .execute(
+        .execute_c(
             "UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = false, finished_at = now() WHERE id = $4",
             &[&state.as_str(), &output, &error, &task_run_id],
         )
@@ -548,21 +549,21 @@ async fn end_instance(
     error: Option<&str>,
 ) -> Result<(), Error> {
     transaction
-        .execute(
+        .execute_c(
             "UPDATE instances SET status = $1, output = $2, error = $3, updated_at = now(), completed_at = now() \
              WHERE tenant_id = $4 AND id = $5",
             &[&new_status, &output, &error, &instance.tenant_id, &instance.id],
         )
         .await?;
     transaction
-        .execute(
+        .execute_c(
             "UPDATE task_runs SET state = 'cancelled', finished_at = now() \
              WHERE tenant_id = $1 AND instance_id = $2 AND state IN ('ready', 'waiting', 'locked')",
             &[&instance.tenant_id, &instance.id],
         )
         .await?;
     let children = transaction
-        .query(
+        .query_c(
             "SELECT id FROM instances WHERE tenant_id = $1 AND parent_instance_id = $2 AND status = 'running'",
             &[&instance.tenant_id, &instance.id],
         )

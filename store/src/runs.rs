@@ -7,6 +7,7 @@ use uuid::Uuid;
 use ward_shared::engine::RunState;
 use ward_shared::wire::{LockedTask, TaskMessage};
 
+use crate::Cached;
 use crate::progress::{self, Completion, Settlement};
 use crate::{Error, Scope, Store, Tenant, scoped};
 
@@ -75,7 +76,7 @@ impl Store {
         let limit = i64::from(max_tasks.clamp(1, FETCH_TASKS_MAX));
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let rows = client
-            .query(
+            .query_c(
                 "UPDATE task_runs SET state = 'locked', lock_owner = $1, \
                  locked_until = now() + $2::bigint * interval '1 millisecond', dispatched_at = now() \
                  WHERE id IN (SELECT id FROM task_runs WHERE tenant_id = $3 AND state = 'ready' AND external \
@@ -111,7 +112,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(row) = transaction
-            .query_opt(
+            .query_opt_c(
                 "SELECT instance_id, dispatched_at FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
                 &[&tenant.id, &task_run_id],
             )
@@ -141,7 +142,7 @@ impl Store {
             }
             Completion::Duplicate => {
                 let state: String = transaction
-                    .query_one("SELECT state FROM task_runs WHERE id = $1", &[&task_run_id])
+                    .query_one_c("SELECT state FROM task_runs WHERE id = $1", &[&task_run_id])
                     .await?
                     .get(0);
                 Ok(ExternalOutcome::NotLocked { state })
@@ -162,7 +163,7 @@ impl Store {
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let extended = client
-            .execute(
+            .execute_c(
                 "UPDATE task_runs SET locked_until = now() + $1::bigint * interval '1 millisecond' \
                  WHERE tenant_id = $2 AND id = $3 AND external AND state = 'locked' AND lock_owner = $4",
                 &[&lock_ms, &tenant.id, &task_run_id, &worker_id],
@@ -175,7 +176,7 @@ impl Store {
             });
         }
         let row = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT state FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
                 &[&tenant.id, &task_run_id],
             )

@@ -5,6 +5,7 @@ use uuid::Uuid;
 use ward_shared::schedule::Cron;
 use ward_shared::wire::{ScheduleSpec, ScheduleView};
 
+use crate::Cached;
 use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most schedules one tenant may hold.
@@ -26,7 +27,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let count: i64 = transaction
-            .query_one(
+            .query_one_c(
                 "SELECT count(*) FROM schedules WHERE tenant_id = $1 AND name <> $2",
                 &[&tenant.id, &spec.name],
             )
@@ -39,7 +40,7 @@ impl Store {
             });
         }
         let row = transaction
-            .query_one(
+            .query_one_c(
                 "INSERT INTO schedules (id, tenant_id, name, definition, version, cron, input, enabled, next_fire_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (tenant_id, name) DO UPDATE SET definition = EXCLUDED.definition, \
@@ -76,7 +77,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let rows = client
-            .query(
+            .query_c(
                 "SELECT name, definition, version, cron, input, enabled, next_fire_at, last_fire_at, last_error \
                  FROM schedules WHERE tenant_id = $1 ORDER BY name LIMIT $2",
                 &[&tenant.id, &SCHEDULES_PER_TENANT_MAX],
@@ -103,7 +104,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let deleted = client
-            .execute(
+            .execute_c(
                 "DELETE FROM schedules WHERE tenant_id = $1 AND name = $2",
                 &[&tenant.id, &name],
             )

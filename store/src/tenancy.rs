@@ -9,6 +9,7 @@ pub use ward_shared::wire::{
     ApplyReport, KeyRecord, Quotas, TenantRecord, TenantSpec, TierSpec, Usage,
 };
 
+use crate::Cached;
 use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most tenants one apply call may carry.
@@ -30,7 +31,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let rows = client
-            .query(
+            .query_c(
                 "SELECT name, weight, min_share_percent FROM tiers ORDER BY name",
                 &[],
             )
@@ -121,7 +122,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::System).await?;
         let Some(row) = transaction
-            .query_opt(
+            .query_opt_c(
                 "SELECT id FROM tenants WHERE slug = $1 AND status <> 'deleted'",
                 &[&slug],
             )
@@ -140,14 +141,14 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         if client
-            .query_opt("SELECT 1 FROM tenants WHERE slug = $1", &[&slug])
+            .query_opt_c("SELECT 1 FROM tenants WHERE slug = $1", &[&slug])
             .await?
             .is_none()
         {
             return Ok(None);
         }
         let rows = client
-            .query(
+            .query_c(
                 "SELECT k.id, k.prefix, k.created_at, k.revoked_at FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
                  WHERE t.slug = $1 ORDER BY k.created_at LIMIT 1000",
                 &[&slug],
@@ -170,7 +171,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::System).await?;
         let revoked = transaction
-            .execute(
+            .execute_c(
                 "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL \
                  AND tenant_id = (SELECT id FROM tenants WHERE slug = $2)",
                 &[&key_id, &slug],
@@ -200,7 +201,7 @@ impl Store {
         let mut report = ApplyReport::default();
         for tier in tiers {
             let row = transaction
-                .query_opt(
+                .query_opt_c(
                     "INSERT INTO tiers (name, weight, min_share_percent) VALUES ($1, $2, $3) \
                      ON CONFLICT (name) DO UPDATE SET weight = EXCLUDED.weight, \
                      min_share_percent = EXCLUDED.min_share_percent, updated_at = now() \
@@ -232,7 +233,7 @@ impl Store {
                 None => {
                     let tenant_id = Uuid::now_v7();
                     transaction
-                        .execute(
+                        .execute_c(
                             "INSERT INTO tenants (id, slug, tier, status, inflight_max, dispatch_rate_per_s, \
                              running_instances_max, payload_bytes_max) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                             &[
@@ -260,7 +261,7 @@ impl Store {
                 }
                 Some(_) => {
                     transaction
-                        .execute(
+                        .execute_c(
                             "UPDATE tenants SET tier = $2, status = $3, inflight_max = $4, dispatch_rate_per_s = $5, \
                              running_instances_max = $6, payload_bytes_max = $7, updated_at = now() WHERE slug = $1",
                             &[
@@ -297,7 +298,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let row = client
-            .query_one(
+            .query_one_c(
                 "SELECT count(*) FROM (SELECT 1 FROM instances WHERE tenant_id = $1 AND status = 'running' LIMIT $2) s",
                 &[&tenant.id, &limit],
             )
@@ -310,7 +311,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let row = client
-            .query_one(
+            .query_one_c(
                 "SELECT (SELECT count(*) FROM instances WHERE tenant_id = $1 AND status = 'running'), \
                  (SELECT count(*) FROM task_runs WHERE tenant_id = $1 AND state IN ('dispatched', 'locked')), \
                  (SELECT count(*) FROM task_runs WHERE tenant_id = $1 AND state = 'ready')",
@@ -331,7 +332,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let rows = client
-            .query(
+            .query_c(
                 "WITH RECURSIVE ready AS ( \
                    (SELECT tenant_id FROM task_runs WHERE tier = $1 AND state = 'ready' AND NOT external \
                     ORDER BY tier, tenant_id LIMIT 1) \
@@ -363,7 +364,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let row = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT tier, inflight_max, dispatch_rate_per_s FROM tenants WHERE id = $1 AND status = 'active'",
                 &[&tenant_id],
             )
@@ -385,7 +386,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let rows = client
-            .query("SELECT tier, tenant_id, count(*) FROM task_runs WHERE state = 'dispatched' GROUP BY tier, tenant_id", &[])
+            .query_c("SELECT tier, tenant_id, count(*) FROM task_runs WHERE state = 'dispatched' GROUP BY tier, tenant_id", &[])
             .await?;
         Ok(rows
             .into_iter()
@@ -395,11 +396,11 @@ impl Store {
 }
 
 async fn check_tier(
-    transaction: &tokio_postgres::Transaction<'_>,
+    transaction: &deadpool_postgres::Transaction<'_>,
     tier: &str,
 ) -> Result<(), Error> {
     if transaction
-        .query_opt("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
+        .query_opt_c("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
         .await?
         .is_none()
     {

@@ -4,6 +4,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::Cached;
 use crate::tenancy::Quotas;
 use crate::{Error, Scope, Store, scoped};
 
@@ -42,7 +43,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::System).await?;
         if transaction
-            .query_opt("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
+            .query_opt_c("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
             .await?
             .is_none()
         {
@@ -53,7 +54,7 @@ impl Store {
         }
         let tenant_id = Uuid::now_v7();
         let inserted = transaction
-            .execute(
+            .execute_c(
                 "INSERT INTO tenants (id, slug, tier, inflight_max, dispatch_rate_per_s, running_instances_max, \
                  payload_bytes_max) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (slug) DO NOTHING",
                 &[
@@ -89,7 +90,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::System).await?;
         let row = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT t.id, t.slug, t.tier, t.status, t.inflight_max, t.dispatch_rate_per_s, \
                  t.running_instances_max, t.payload_bytes_max FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
                  WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status <> 'deleted'",
@@ -114,13 +115,13 @@ impl Store {
 /// Issues a key for `tenant_id` in `transaction`: stores its hash and
 /// prefix, returns its record and the key itself (shown once).
 pub(crate) async fn issue_key(
-    transaction: &tokio_postgres::Transaction<'_>,
+    transaction: &deadpool_postgres::Transaction<'_>,
     tenant_id: Uuid,
 ) -> Result<(crate::KeyRecord, String), Error> {
     let (api_key, prefix) = new_api_key();
     let key_id = Uuid::now_v7();
     let created_at = transaction
-        .query_one(
+        .query_one_c(
             "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4) RETURNING created_at",
             &[&key_id, &tenant_id, &prefix, &hash_key(&api_key)],
         )

@@ -2,8 +2,8 @@
 //! one function every ingress calls), children, reading, listing, history,
 //! cancelling and signalling.
 
+use deadpool_postgres::Transaction;
 use serde_json::{Value, json};
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 use ward_shared::Definition;
 use ward_shared::engine::RunState;
@@ -12,6 +12,7 @@ use ward_shared::wire::{
     HistoryEvent, InstanceList, InstanceSummary, InstanceView, StartInstance, StepView, status,
 };
 
+use crate::Cached;
 use crate::progress::{self, Locked, Settlement};
 use crate::{Error, Scope, Store, Tenant, scoped};
 
@@ -83,13 +84,13 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         transaction
-            .execute(
+            .execute_c(
                 "SELECT pg_advisory_xact_lock(hashtext($1::text || '/' || $2))",
                 &[&tenant.id.to_string(), &definition.name],
             )
             .await?;
         let latest = transaction
-            .query_opt(
+            .query_opt_c(
                 "SELECT id, version, spec FROM definitions WHERE tenant_id = $1 AND name = $2 \
                  ORDER BY version DESC LIMIT 1",
                 &[&tenant.id, &definition.name],
@@ -108,7 +109,7 @@ impl Store {
         let version = latest.map(|row| row.get::<_, i32>(1)).unwrap_or(0) + 1;
         let id = Uuid::now_v7();
         transaction
-            .execute(
+            .execute_c(
                 "INSERT INTO definitions (id, tenant_id, name, version, spec) VALUES ($1, $2, $3, $4, $5)",
                 &[&id, &tenant.id, &definition.name, &version, &spec],
             )
@@ -131,7 +132,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let row = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT 1 FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) LIMIT 1",
                 &[&tenant.id, &name, &version],
             )
@@ -165,7 +166,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(row) = transaction
-            .query_opt(
+            .query_opt_c(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
                  i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at, i.trace_parent \
                  FROM instances i JOIN definitions d ON d.id = i.definition_id \
@@ -177,7 +178,7 @@ impl Store {
             return Ok(None);
         };
         let steps = transaction
-            .query(
+            .query_c(
                 "SELECT id, step_id, kind, handler, attempt, state, idempotency_key, input, output, error, \
                  retryable, available_at, child_instance_id, created_at, dispatched_at, started_at, finished_at \
                  FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id",
@@ -238,7 +239,7 @@ impl Store {
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
         let rows = client
-            .query(
+            .query_c(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
                  i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.definition_name = $2) \
@@ -281,7 +282,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = client
-            .query_opt(
+            .query_opt_c(
                 "SELECT status, created_at, completed_at, error FROM instances WHERE tenant_id = $1 AND id = $2",
                 &[&tenant.id, &instance_id],
             )
@@ -300,7 +301,7 @@ impl Store {
         let mut events = vec![event(instance.get(1), "instance_created")];
         // Signals before runs: a signal and the step it completes share an instant.
         for signal in client
-            .query(
+            .query_c(
                 "SELECT received_at, name, consumed_by FROM signals WHERE tenant_id = $1 AND instance_id = $2 \
                  ORDER BY received_at LIMIT $3",
                 &[&tenant.id, &instance_id, &(HISTORY_EVENTS_MAX as i64)],
@@ -312,7 +313,7 @@ impl Store {
             events.push(received);
         }
         let runs = client
-            .query(
+            .query_c(
                 "SELECT id, step_id, kind, attempt, state, error, external, created_at, available_at, dispatched_at, \
                  started_at, finished_at, signal, child_instance_id FROM task_runs \
                  WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id LIMIT $3",
@@ -444,13 +445,13 @@ impl Store {
         }
         let signal_id = Uuid::now_v7();
         transaction
-            .execute(
+            .execute_c(
                 "INSERT INTO signals (id, tenant_id, instance_id, name, payload) VALUES ($1, $2, $3, $4, $5)",
                 &[&signal_id, &tenant.id, &instance_id, &name, payload],
             )
             .await?;
         let waiting = transaction
-            .query_opt(
+            .query_opt_c(
                 "SELECT id FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 AND kind = 'wait_signal' \
                  AND signal = $3 AND state = 'waiting' ORDER BY created_at LIMIT 1",
                 &[&tenant.id, &instance_id, &name],
@@ -460,7 +461,7 @@ impl Store {
             Some(row) => {
                 let task_run_id: Uuid = row.get(0);
                 transaction
-                    .execute(
+                    .execute_c(
                         "UPDATE signals SET consumed_by = $1 WHERE id = $2",
                         &[&task_run_id, &signal_id],
                     )
@@ -494,7 +495,7 @@ pub(crate) async fn start_instance_tx(
     idempotency_key: Option<&str>,
 ) -> Result<Started, Error> {
     let row = transaction
-        .query_opt(
+        .query_opt_c(
             "SELECT id, version, spec FROM definitions \
              WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
              ORDER BY version DESC LIMIT 1",
@@ -522,7 +523,7 @@ pub(crate) async fn start_instance_tx(
         })
         .header();
     let inserted = transaction
-        .execute(
+        .execute_c(
             "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
              idempotency_key, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
             &[
@@ -540,7 +541,7 @@ pub(crate) async fn start_instance_tx(
         .await?;
     if inserted == 0 {
         let existing = transaction
-            .query_one(
+            .query_one_c(
                 "SELECT i.id, d.version, i.status FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND ((i.idempotency_key = $2) \
                  OR (i.definition_name = $3 AND i.business_key = $4)) LIMIT 1",
@@ -586,7 +587,7 @@ pub(crate) async fn create_child(
     parent_task_run_id: Uuid,
 ) -> Result<Option<Locked>, Error> {
     let Some(row) = transaction
-        .query_opt(
+        .query_opt_c(
             "SELECT id, spec FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
              ORDER BY version DESC LIMIT 1",
             &[&parent.tenant_id, &name, &version],
@@ -601,7 +602,7 @@ pub(crate) async fn create_child(
     let child_id = Uuid::now_v7();
     let idempotency_key = format!("child:{parent_task_run_id}");
     transaction
-        .execute(
+        .execute_c(
             "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, idempotency_key, \
              parent_instance_id, parent_task_run_id, depth, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
              (SELECT trace_parent FROM instances WHERE id = $8))",
