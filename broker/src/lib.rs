@@ -28,6 +28,28 @@ pub enum Error {
     Closed,
     #[error("encode task message: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("the broker did not answer {what} within {timeout_ms} ms")]
+    Timeout { what: &'static str, timeout_ms: u64 },
+}
+
+/// Bound on connecting (TCP, AMQP handshake, channel, confirm mode) and on
+/// declaring or consuming: a broker that accepts connections while it is
+/// still starting (or is stalled) must not hang the caller.
+pub const OPERATION_TIMEOUT_MS: u64 = 10_000;
+
+async fn bounded<T>(
+    what: &'static str,
+    operation: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(
+        std::time::Duration::from_millis(OPERATION_TIMEOUT_MS),
+        operation,
+    )
+    .await
+    .map_err(|_| Error::Timeout {
+        what,
+        timeout_ms: OPERATION_TIMEOUT_MS,
+    })?
 }
 
 /// Where the broker is and how queues are named and bounded.
@@ -60,17 +82,20 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Connects and opens a publishing channel with confirms enabled.
     pub async fn connect(settings: &Settings) -> Result<Broker, Error> {
-        let connection =
-            Connection::connect(&settings.url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Broker {
-            connection,
-            channel,
-            settings: settings.clone(),
+        bounded("the connection", async {
+            let connection =
+                Connection::connect(&settings.url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok(Broker {
+                connection,
+                channel,
+                settings: settings.clone(),
+            })
         })
+        .await
     }
 
     /// True while the connection and the publishing channel are open.
@@ -90,6 +115,10 @@ impl Broker {
 
     /// Declares the dead-letter queue and one quorum queue per tier.
     pub async fn declare(&self, tiers: &[String]) -> Result<(), Error> {
+        bounded("the queue declarations", self.declare_unbounded(tiers)).await
+    }
+
+    async fn declare_unbounded(&self, tiers: &[String]) -> Result<(), Error> {
         let durable = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -202,6 +231,19 @@ impl Broker {
         prefetch: u16,
         consumer_tag: &str,
     ) -> Result<Inbox, Error> {
+        bounded(
+            "the consume request",
+            self.consume_unbounded(queue, prefetch, consumer_tag),
+        )
+        .await
+    }
+
+    async fn consume_unbounded(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<Inbox, Error> {
         let channel = self.connection.create_channel().await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -235,7 +277,10 @@ impl Broker {
             )
             .await?;
         let depth = queue.message_count();
-        let _ = channel.close(200, "done".into()).await;
+        let _ = bounded("the close", async {
+            Ok(channel.close(200, "done".into()).await?)
+        })
+        .await;
         Ok(depth)
     }
 
@@ -275,7 +320,10 @@ impl Broker {
 
     /// Closes the connection.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "shutdown".into()).await;
+        let _ = bounded("the close", async {
+            Ok(self.connection.close(200, "shutdown".into()).await?)
+        })
+        .await;
     }
 }
 
@@ -313,7 +361,10 @@ impl Inbox {
 
     /// Closes the channel; unacked deliveries go back to the queue.
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "shutdown".into()).await;
+        let _ = bounded("the close", async {
+            Ok(self.channel.close(200, "shutdown".into()).await?)
+        })
+        .await;
     }
 }
 

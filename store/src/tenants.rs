@@ -87,13 +87,12 @@ impl Store {
 
     /// The active tenant owning an unrevoked key, if any.
     pub async fn tenant_for_key(&self, api_key: &str) -> Result<Option<Tenant>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        // One statement, no transaction: the function sees across tenants.
+        let client = self.pool.get().await?;
         let row = client
             .query_opt_c(
-                "SELECT t.id, t.slug, t.tier, t.status, t.inflight_max, t.dispatch_rate_per_s, \
-                 t.running_instances_max, t.payload_bytes_max FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
-                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND t.status <> 'deleted'",
+                "SELECT id, slug, tier, status, inflight_max, dispatch_rate_per_s, \
+                 running_instances_max, payload_bytes_max FROM ward_tenant_for_key($1)",
                 &[&hash_key(api_key)],
             )
             .await?;
