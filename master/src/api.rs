@@ -37,6 +37,8 @@ pub struct AppState {
     pub leader: watch::Receiver<Option<i64>>,
     /// Woken when a transaction makes a task ready (external-task long polls).
     pub ready: Arc<tokio::sync::Notify>,
+    /// The member registry and cluster signals in etcd (one client).
+    pub registry: Arc<ward_membership::Registry>,
 }
 
 /// The router with every route, limit and fallback.

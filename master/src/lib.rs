@@ -57,12 +57,14 @@ impl Master {
             ready.clone(),
             shutdown.clone(),
         ));
+        let registry = Arc::new(ward_membership::Registry::new(config.etcd.clone()));
         let app = api::router(api::AppState {
             store: store.clone(),
             config: config.clone(),
             metrics: metrics.clone(),
             leader: leader_rx.clone(),
             ready,
+            registry: registry.clone(),
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -81,6 +83,7 @@ impl Master {
         tracker.spawn(count_workers(
             config.clone(),
             store.clone(),
+            registry,
             metrics.clone(),
             leader_rx.clone(),
             shutdown.clone(),
@@ -130,6 +133,7 @@ impl Master {
 async fn count_workers(
     config: Arc<Config>,
     store: ward_store::Store,
+    registry: Arc<ward_membership::Registry>,
     metrics: metrics::Metrics,
     leader: watch::Receiver<Option<i64>>,
     shutdown: CancellationToken,
@@ -187,18 +191,18 @@ async fn count_workers(
                     desired.tiers.insert(tier.clone(), workers);
                 }
                 // The same signal for the API and the local autoscaler.
-                if let Err(error) = ward_membership::put_signal(
-                    &config.etcd,
-                    autoscale::DESIRED_WORKERS_SIGNAL,
-                    &serde_json::json!(desired),
-                )
-                .await
+                if let Err(error) = registry
+                    .put_signal(
+                        autoscale::DESIRED_WORKERS_SIGNAL,
+                        &serde_json::json!(desired),
+                    )
+                    .await
                 {
                     tracing::debug!(error = format!("{error:#}"), "publish desired workers");
                 }
             }
             dispatched_before = Some((now, dispatched));
-            match ward_membership::list(&config.etcd).await {
+            match registry.list().await {
                 Ok(members) => {
                     for tier in &config.tiers {
                         let count = members

@@ -137,53 +137,101 @@ async fn hold(
     Ok(())
 }
 
-/// Every registered member, masters first, each sorted by node id.
-pub async fn list(settings: &Etcd) -> anyhow::Result<Vec<MemberRecord>> {
-    let mut client = connect(settings).await?;
-    let response = client
-        .get(
-            members_prefix(settings),
-            Some(GetOptions::new().with_prefix().with_limit(MEMBERS_MAX)),
-        )
-        .await
-        .context("list members")?;
-    let mut members: Vec<MemberRecord> = response
-        .kvs()
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-        .collect();
-    members.sort_by(|a, b| (&a.role, &a.node_id).cmp(&(&b.role, &b.node_id)));
-    Ok(members)
+/// One etcd client for the reads and signals of a process (the member
+/// list, the leader's desired-worker signal), connected on first use and
+/// again after an error, instead of a new connection per call.
+pub struct Registry {
+    settings: Etcd,
+    client: tokio::sync::Mutex<Option<Client>>,
 }
 
-/// Publishes a cluster-wide signal (a small JSON value) under
-/// `{prefix}/signals/{name}`, for example the leader's desired worker counts.
-pub async fn put_signal(
-    settings: &Etcd,
-    name: &str,
-    value: &serde_json::Value,
-) -> anyhow::Result<()> {
-    let mut client = connect(settings).await?;
-    let key = format!("{}/signals/{name}", settings.prefix);
-    tokio::time::timeout(
-        Duration::from_millis(settings.connect_timeout_ms),
-        client.put(key, serde_json::to_vec(value)?, None),
-    )
-    .await
-    .context("publish signal: timed out")?
-    .context("publish signal")?;
-    Ok(())
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("prefix", &self.settings.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
-/// Reads a signal published by `put_signal`, if any.
-pub async fn get_signal(settings: &Etcd, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
-    let mut client = connect(settings).await?;
-    let key = format!("{}/signals/{name}", settings.prefix);
-    let response = client.get(key, None).await.context("read signal")?;
-    Ok(response
-        .kvs()
-        .first()
-        .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+impl Registry {
+    pub fn new(settings: Etcd) -> Registry {
+        Registry {
+            settings,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        let mut client = self.client.lock().await;
+        if let Some(client) = client.as_ref() {
+            return Ok(client.clone());
+        }
+        let connected = connect(&self.settings).await?;
+        *client = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// Drops the client after an error: the next call connects again.
+    async fn forget<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            *self.client.lock().await = None;
+        }
+        result
+    }
+
+    /// Every registered member, masters first, each sorted by node id.
+    pub async fn list(&self) -> anyhow::Result<Vec<MemberRecord>> {
+        let mut client = self.client().await?;
+        let result = async {
+            let response = client
+                .get(
+                    members_prefix(&self.settings),
+                    Some(GetOptions::new().with_prefix().with_limit(MEMBERS_MAX)),
+                )
+                .await
+                .context("list members")?;
+            let mut members: Vec<MemberRecord> = response
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                .collect();
+            members.sort_by(|a, b| (&a.role, &a.node_id).cmp(&(&b.role, &b.node_id)));
+            Ok(members)
+        }
+        .await;
+        self.forget(result).await
+    }
+
+    /// Publishes a cluster-wide signal (a small JSON value) under
+    /// `{prefix}/signals/{name}`, for example the leader's desired worker counts.
+    pub async fn put_signal(&self, name: &str, value: &serde_json::Value) -> anyhow::Result<()> {
+        let mut client = self.client().await?;
+        let key = format!("{}/signals/{name}", self.settings.prefix);
+        let result = async {
+            client
+                .put(key, serde_json::to_vec(value)?, None)
+                .await
+                .context("publish signal")?;
+            Ok(())
+        }
+        .await;
+        self.forget(result).await
+    }
+
+    /// Reads a signal published by `put_signal`, if any.
+    pub async fn get_signal(&self, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let mut client = self.client().await?;
+        let key = format!("{}/signals/{name}", self.settings.prefix);
+        let result = async {
+            let response = client.get(key, None).await.context("read signal")?;
+            Ok(response
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
+        }
+        .await;
+        self.forget(result).await
+    }
 }
 
 /// The record of this process.

@@ -16,31 +16,28 @@ use super::{Admin, ApiError, AppState, Authenticated, respond};
 /// workers, ready backlog and in-flight runs.
 pub async fn status(State(state): State<AppState>, _admin: Admin) -> Response {
     let result = async {
-        let members = ward_membership::list(&state.config.etcd)
-            .await
-            .map_err(|error| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "etcd_unavailable",
-                    format!("cannot read the member registry: {error:#}"),
-                )
-            })?;
+        let members = state.registry.list().await.map_err(|error| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "etcd_unavailable",
+                format!("cannot read the member registry: {error:#}"),
+            )
+        })?;
         let leader = state.store.leader().await.map_err(ApiError::store)?;
         let backlog = state.store.ready_backlog().await.map_err(ApiError::store)?;
         let inflight = state.store.inflight().await.map_err(ApiError::store)?;
         let tiers = state.store.tiers().await.map_err(ApiError::store)?;
-        let desired: Option<DesiredWorkers> = ward_membership::get_signal(
-            &state.config.etcd,
-            crate::autoscale::DESIRED_WORKERS_SIGNAL,
-        )
-        .await
-        .ok()
-        .flatten()
-        .and_then(|value| serde_json::from_value(value).ok())
-        .filter(|desired: &DesiredWorkers| {
-            (chrono::Utc::now() - desired.computed_at).num_seconds()
-                <= crate::autoscale::DESIRED_WORKERS_STALE_S
-        });
+        let desired: Option<DesiredWorkers> = state
+            .registry
+            .get_signal(crate::autoscale::DESIRED_WORKERS_SIGNAL)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|value| serde_json::from_value(value).ok())
+            .filter(|desired: &DesiredWorkers| {
+                (chrono::Utc::now() - desired.computed_at).num_seconds()
+                    <= crate::autoscale::DESIRED_WORKERS_STALE_S
+            });
         let (masters, workers): (Vec<_>, Vec<_>) = members
             .into_iter()
             .partition(|member| member.role == "master");
