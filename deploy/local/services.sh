@@ -49,6 +49,8 @@ ensure_packages() {
     [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
     command -v curl >/dev/null || missing+=(curl)
     command -v python3 >/dev/null || missing+=(python3)
+    # deploy/ops/check and deploy/bench keep their Python tools in a venv.
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
