@@ -53,6 +53,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     services: Services,
     children: Vec<(String, Child)>,
+    /// Base URL of every process (masters and workers).
+    process_urls: Vec<String>,
 }
 
 impl Cluster {
@@ -68,6 +70,7 @@ impl Cluster {
             http,
             services: services.clone(),
             children: Vec::new(),
+            process_urls: Vec::new(),
         };
         let mut ready_urls = Vec::new();
         for index in 0..shape.masters {
@@ -94,6 +97,7 @@ impl Cluster {
                 shape,
             )?);
         }
+        cluster.process_urls = ready_urls.clone();
         for url in &ready_urls {
             wait_ready(
                 &cluster.http,
@@ -103,6 +107,32 @@ impl Cluster {
             .await?;
         }
         Ok(cluster)
+    }
+
+    /// The sum of every series of the counter or gauge `name` over every
+    /// process's `/metrics` (a process that does not answer counts 0).
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for url in &self.process_urls {
+            let Ok(response) = self.http.get(format!("{url}/metrics")).send().await else {
+                continue;
+            };
+            let Ok(text) = response.text().await else {
+                continue;
+            };
+            for line in text.lines() {
+                let Some(rest) = line.strip_prefix(name) else {
+                    continue;
+                };
+                if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                    continue;
+                }
+                if let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                    sum += value;
+                }
+            }
+        }
+        sum
     }
 
     fn schema(&self) -> String {

@@ -83,6 +83,10 @@ enum Command {
         /// Instances stored for the query scenario.
         #[arg(long)]
         query_instances: Option<i64>,
+        /// Scenarios to run (default all): throughput, steps, latency,
+        /// queries, substrate. Results then go to perf[-quick]-only.json.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
@@ -121,8 +125,10 @@ async fn main() -> anyhow::Result<()> {
             seed,
             measure_s,
             query_instances,
+            only,
         } => {
             let mut options = perf::Options::new(quick, seed, args.out.clone());
+            options.only = only;
             if let Some(measure_s) = measure_s {
                 options.measure_s = measure_s.max(1);
             }

@@ -32,6 +32,15 @@ pub struct Options {
     pub query_tenants: usize,
     pub query_clients: usize,
     pub out: std::path::PathBuf,
+    /// Scenarios to run (empty: all): throughput, steps, latency, queries,
+    /// substrate. Latency and queries need throughput's figure and run it.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|only| only == scenario)
+    }
 }
 
 impl Options {
@@ -45,6 +54,7 @@ impl Options {
             query_tenants: if quick { 1_000 } else { 10_000 },
             query_clients: if quick { 50 } else { 200 },
             out,
+            only: Vec::new(),
         }
     }
 }
@@ -84,8 +94,14 @@ fn fan_out() -> String {
 /// the engine is measured at its own pace, with a bounded backlog.
 const BACKLOG_MAX: i64 = 2_000;
 
-/// Submits closed-loop from `concurrency` clients until `stop`, pausing
-/// while `paused` (the backlog is full); counts accepted.
+/// Instances per batch-start request in scenarios 1 and 2.
+const SUBMIT_BATCH_LEN: usize = 100;
+/// Closed-loop submitting clients in scenarios 1 and 2.
+const SUBMIT_CLIENTS: usize = 8;
+
+/// Submits closed-loop from `concurrency` clients until `stop`, each
+/// request a batch start of `SUBMIT_BATCH_LEN` instances, pausing while
+/// `paused` (the backlog is full); counts accepted instances.
 async fn submit_closed(
     cluster: &Cluster,
     keys: &[String],
@@ -95,7 +111,8 @@ async fn submit_closed(
     paused: &AtomicBool,
     accepted: &AtomicU64,
 ) {
-    let body = json!({ "definition": definition, "input": {} });
+    let item = json!({ "definition": definition, "input": {} });
+    let body = json!({ "instances": vec![item; SUBMIT_BATCH_LEN] });
     futures::stream::iter(0..concurrency)
         .for_each_concurrent(concurrency, |client| {
             let body = &body;
@@ -108,8 +125,8 @@ async fn submit_closed(
                     }
                     let key = &keys[n % keys.len()];
                     n += concurrency;
-                    if cluster.post(key, "/v1/instances", body).await.is_ok() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
+                    if cluster.post(key, "/v1/instances/batch", body).await.is_ok() {
+                        accepted.fetch_add(SUBMIT_BATCH_LEN as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -146,17 +163,13 @@ async fn sustained(
     let stop = AtomicBool::new(false);
     let paused = AtomicBool::new(false);
     let accepted = AtomicU64::new(0);
+    // The backlog from the processes' own counters (started minus ended),
+    // so watching it puts no load on the database under test.
     let watch_backlog = async {
-        let sql = cluster.sql().await?;
         while !stop.load(Ordering::Relaxed) {
-            let running: i64 = sql
-                .query_one(
-                    "SELECT count(*) FROM instances WHERE definition_name = $1 AND status = 'running'",
-                    &[&definition],
-                )
-                .await?
-                .get(0);
-            paused.store(running >= BACKLOG_MAX, Ordering::Relaxed);
+            let started = cluster.metric_sum("ward_instances_started_total").await;
+            let ended = cluster.metric_sum("ward_instances_finished_total").await;
+            paused.store(started - ended >= BACKLOG_MAX as f64, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::Ok(())
@@ -192,7 +205,15 @@ async fn sustained(
     };
     let (result, (), watched) = tokio::join!(
         measure,
-        submit_closed(cluster, keys, definition, 64, &stop, &paused, &accepted),
+        submit_closed(
+            cluster,
+            keys,
+            definition,
+            SUBMIT_CLIENTS,
+            &stop,
+            &paused,
+            &accepted
+        ),
         watch_backlog
     );
     watched?;
@@ -304,8 +325,13 @@ async fn latency_at(
     }))
 }
 
+/// Queries each client of scenario 4 sends per second (a HIS polling an
+/// instance's status every 200 ms).
+const QUERY_RATE_PER_CLIENT_PER_S: f64 = 5.0;
+
 /// Scenario 4: bulk-stores instances over many tenants, then `clients`
-/// clients issue status and filtered-list queries for the window.
+/// clients issue status and filtered-list queries for the window, each at
+/// `QUERY_RATE_PER_CLIENT_PER_S` (open loop, from the intended send time).
 async fn queries(
     cluster: &Cluster,
     options: &Options,
@@ -352,7 +378,9 @@ async fn queries(
         })
         .collect();
     anyhow::ensure!(!samples.is_empty(), "no stored instance sampled");
-    let deadline = Instant::now() + Duration::from_secs(options.measure_s);
+    let began_at = Instant::now();
+    let deadline = began_at + Duration::from_secs(options.measure_s);
+    let interval = Duration::from_secs_f64(1.0 / QUERY_RATE_PER_CLIENT_PER_S);
     let status_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
     let list_ms = Arc::new(std::sync::Mutex::new(Vec::new()));
     let errors = Arc::new(AtomicU64::new(0));
@@ -366,7 +394,11 @@ async fn queries(
         let seed = options.seed + client as u64;
         handles.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(seed);
-            while Instant::now() < deadline {
+            // Open loop: each client sends on its own schedule, spread over
+            // the first interval; latency counts from the intended send.
+            let mut intended = began_at + interval.mul_f64(rng.random_range(0.0..1.0));
+            while intended < deadline {
+                tokio::time::sleep_until(intended.into()).await;
                 let (id, tenant) = &samples[rng.random_range(0..samples.len())];
                 let status = rng.random_bool(0.5);
                 let url = if status {
@@ -374,7 +406,8 @@ async fn queries(
                 } else {
                     format!("{base}/v1/instances?definition=perf-stored&status=failed&limit=20")
                 };
-                let began = Instant::now();
+                let began = intended;
+                intended += interval;
                 let ok = http
                     .get(url)
                     .bearer_auth(&keys[*tenant])
@@ -548,25 +581,35 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         }
         let rss_before = cluster.rss_bytes();
 
-        bar.set_message("1. throughput (single-step no-op)");
-        let throughput = sustained(&cluster, &keys, "perf-noop", &options).await?;
+        let mut throughput = Value::Null;
+        if options.wants("throughput") || options.wants("latency") || options.wants("queries") {
+            bar.set_message("1. throughput (single-step no-op)");
+            throughput = sustained(&cluster, &keys, "perf-noop", &options).await?;
+        }
         bar.inc(1);
         let rss_after = cluster.rss_bytes();
-        bar.set_message("2. workflow steps (chain, fan-out)");
-        let chain = sustained(&cluster, &keys, "perf-chain", &options).await?;
-        let fan = sustained(&cluster, &keys, "perf-fan", &options).await?;
-        bar.inc(1);
-
-        let max_per_s = throughput["instances_per_s"].as_f64().unwrap_or(1.0).max(1.0);
-        bar.set_message("3. latency at 25 / 50 / 80 % load");
-        let mut latency = Vec::new();
-        for share in [0.25, 0.5, 0.8] {
-            let mut figures = latency_at(&cluster, &keys, max_per_s * share, options.measure_s).await?;
-            figures["load_share"] = json!(share);
-            latency.push(figures);
+        let (mut chain, mut fan) = (Value::Null, Value::Null);
+        if options.wants("steps") {
+            bar.set_message("2. workflow steps (chain, fan-out)");
+            chain = sustained(&cluster, &keys, "perf-chain", &options).await?;
+            fan = sustained(&cluster, &keys, "perf-fan", &options).await?;
         }
         bar.inc(1);
 
+        let max_per_s = throughput["instances_per_s"].as_f64().unwrap_or(1.0).max(1.0);
+        let mut latency = Vec::new();
+        if options.wants("latency") {
+            bar.set_message("3. latency at 25 / 50 / 80 % load");
+            for share in [0.25, 0.5, 0.8] {
+                let mut figures = latency_at(&cluster, &keys, max_per_s * share, options.measure_s).await?;
+                figures["load_share"] = json!(share);
+                latency.push(figures);
+            }
+        }
+        bar.inc(1);
+
+        let mut query = Value::Null;
+        if options.wants("queries") {
         bar.set_message("4. queries under concurrency");
         let (query_keys, _) = cluster
             .apply_tenants(&format!("{name}-q"), options.query_tenants, "gold", 64)
@@ -574,14 +617,18 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         cluster.publish_all(&query_keys, STORED, 16).await?;
         let load = latency_at(&cluster, &keys, max_per_s * 0.5, options.measure_s);
         let query_prefix = format!("{name}-q");
-        let query = queries(&cluster, &options, &query_keys, &query_prefix);
-        let (load, query) = tokio::join!(load, query);
-        let mut query = query?;
+        let asked = queries(&cluster, &options, &query_keys, &query_prefix);
+        let (load, answered) = tokio::join!(load, asked);
+        query = answered?;
         query["concurrent_load"] = load?;
+        }
         bar.inc(1);
 
-        bar.set_message("5. raw substrate");
-        let raw = substrate(services, &name, options.measure_s).await?;
+        let mut raw = Value::Null;
+        if options.wants("substrate") {
+            bar.set_message("5. raw substrate");
+            raw = substrate(services, &name, options.measure_s).await?;
+        }
         bar.inc(1);
 
         let tasks_1k = throughput["completed_in_window"].as_f64().unwrap_or(0.0) / 1000.0;
@@ -618,13 +665,20 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         "machine": machine(services).await,
         "settings": { "masters": shape.masters, "workers": shape.workers, "worker_prefetch": shape.worker_prefetch,
             "window_max": shape.window_max, "measure_s": options.measure_s, "warmup_s": options.warmup_s,
-            "synchronous_commit": "on", "closed_loop_clients": 64 },
+            "synchronous_commit": "on", "closed_loop_clients": SUBMIT_CLIENTS,
+            "submit_batch_len": SUBMIT_BATCH_LEN, "query_clients": options.query_clients,
+            "query_rate_per_client_per_s": QUERY_RATE_PER_CLIENT_PER_S, "scenarios": options.only },
         "figures": figures,
     });
     let text = markdown(&report);
     print!("{text}");
     std::fs::create_dir_all(&options.out)?;
-    let stem = if options.quick { "perf-quick" } else { "perf" };
+    let stem = match (options.quick, options.only.is_empty()) {
+        (true, true) => "perf-quick",
+        (false, true) => "perf",
+        (true, false) => "perf-quick-only",
+        (false, false) => "perf-only",
+    };
     std::fs::write(
         options.out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)?,

@@ -69,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(tenancy::usage))
         .route("/v1/definitions", post(publish_definition))
         .route("/v1/instances", post(instances::start).get(instances::list))
+        .route("/v1/instances/batch", post(instances::start_batch))
         .route("/v1/instances/{id}", get(instances::show))
         .route("/v1/instances/{id}/history", get(instances::history))
         .route("/v1/instances/{id}/cancel", post(instances::cancel))

@@ -30,6 +30,25 @@ const NEWLY_ACTIVE_MAX: usize = 64;
 const PAYLOADS_MAX: usize = 4_096;
 /// Backoff after a broker or store failure.
 const FAILURE_DELAY_MS: u64 = 500;
+/// Age after which the in-flight counts are read again from Postgres.
+/// Between reads the leader adds what it dispatched and subtracts nothing,
+/// so the counts only overestimate: windows and quotas stay respected.
+const INFLIGHT_REFRESH_MS: u64 = 250;
+/// The same, when the last round found a window full or a tenant at its
+/// `inflight_max`: only a fresh count can show room again. (The count
+/// visits every dispatched run, a few ms under load, so it is not read on
+/// every round.)
+const INFLIGHT_REFRESH_MS_FULL: u64 = 50;
+
+/// Dispatched, unsettled runs per (tier, tenant), as last read plus what
+/// was dispatched since.
+#[derive(Default)]
+struct Inflight {
+    counts: HashMap<(String, Uuid), i64>,
+    read_at: Option<Instant>,
+    /// The last round found a window full or a tenant at its cap.
+    full: bool,
+}
 
 /// The dispatcher's view of who has work.
 struct Active {
@@ -68,6 +87,7 @@ pub async fn run(
         blocked: false,
     };
     let mut ledger = Ledger::default();
+    let mut inflight = Inflight::default();
     while !term_over.is_cancelled() {
         if listener.as_ref().is_none_or(Listener::is_closed) {
             listener =
@@ -141,6 +161,7 @@ pub async fn run(
                     epoch,
                     &mut active,
                     &mut ledger,
+                    &mut inflight,
                 )
                 .await
                 {
@@ -258,6 +279,7 @@ async fn refresh(
 
 /// One dispatch round: windows per tier, shares per tenant, one fenced
 /// transaction that claims, publishes and marks. Returns how many tasks left.
+#[allow(clippy::too_many_arguments)]
 async fn round(
     store: &Store,
     config: &Config,
@@ -266,12 +288,26 @@ async fn round(
     epoch: i64,
     active: &mut Active,
     ledger: &mut Ledger,
+    inflight_cache: &mut Inflight,
 ) -> Result<usize, ward_store::Error> {
     if active.by_tier.is_empty() {
         return Ok(0);
     }
     let mut blocked = false;
-    let inflight = store.inflight().await?;
+    let refresh_after = Duration::from_millis(if inflight_cache.full {
+        INFLIGHT_REFRESH_MS_FULL
+    } else {
+        INFLIGHT_REFRESH_MS
+    });
+    if inflight_cache
+        .read_at
+        .is_none_or(|at| at.elapsed() >= refresh_after)
+    {
+        inflight_cache.counts = store.inflight().await?;
+        inflight_cache.read_at = Some(Instant::now());
+    }
+    let inflight = &inflight_cache.counts;
+    let mut full = false;
     let busy: Vec<&str> = active.by_tier.keys().map(String::as_str).collect();
     let windows = fairness::tier_windows(&active.tiers, &busy, config.dispatch.window_max);
     let now = Instant::now();
@@ -296,8 +332,12 @@ async fn round(
         let capacity = (windows[&tier.name] - in_flight).min(batch_left);
         let tenants = &active.by_tier[&tier.name];
         let (tier_picks, throttled) =
-            fairness::split_tier(&tier.name, tenants, &inflight, capacity, ledger, now);
+            fairness::split_tier(&tier.name, tenants, inflight, capacity, ledger, now);
         blocked |= capacity <= 0 || !throttled.is_empty();
+        full |= capacity <= 0
+            || throttled
+                .iter()
+                .any(|(_, reason)| *reason == fairness::Throttle::Inflight);
         for (_, reason) in throttled {
             metrics
                 .tenant_throttled_total
@@ -308,6 +348,7 @@ async fn round(
         picks.extend(tier_picks);
     }
     active.blocked = blocked;
+    inflight_cache.full = full;
     if picks.is_empty() {
         return Ok(0);
     }
@@ -347,6 +388,10 @@ async fn round(
     // A tenant that got fewer than it was offered ran out of ready work.
     for pick in &picks {
         let got = dispatched.get(&pick.tenant_id).copied().unwrap_or(0) as i64;
+        *inflight_cache
+            .counts
+            .entry((pick.tier.clone(), pick.tenant_id))
+            .or_default() += got;
         if got < pick.count {
             if let Some(bucket) = ledger.buckets.get_mut(&pick.tenant_id) {
                 bucket.tokens += (pick.count - got) as f64;

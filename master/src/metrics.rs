@@ -35,7 +35,13 @@ pub const PUBLISH_CONFIRM_SECONDS: &str = "ward_publish_confirm_seconds";
 /// Dead-letter reasons (the `reason` label of `ward_tasks_dead_lettered_total`).
 pub const DEAD_LETTER_REASONS: [&str; 4] = ["delivery_limit", "rejected", "expired", "other"];
 /// Store operations timed by `ward_store_transaction_seconds`.
-pub const STORE_OPS: [&str; 4] = ["start_instance", "dispatch", "timers", "dead_letter"];
+pub const STORE_OPS: [&str; 5] = [
+    "start_instance",
+    "start_instances",
+    "dispatch",
+    "timers",
+    "dead_letter",
+];
 /// Instance end states (the `status` label of `ward_instances_finished_total`).
 pub const INSTANCE_END_STATES: [&str; 3] = ["completed", "failed", "cancelled"];
 

@@ -74,6 +74,36 @@ pub struct StartInstance {
     pub trace_parent: Option<String>,
 }
 
+/// `POST /v1/instances/batch` body: up to 1,000 starts of one tenant,
+/// committed together (all or none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartBatch {
+    pub instances: Vec<StartBatchItem>,
+}
+
+/// One start of a batch: a `StartInstance` with its own idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartBatchItem {
+    pub definition: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub business_key: Option<String>,
+    /// Like the `Idempotency-Key` header of a single start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/instances/batch` answer: one entry per item, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchStarted {
+    pub instances: Vec<InstanceStarted>,
+}
+
 /// `POST /v1/instances` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStarted {

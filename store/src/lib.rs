@@ -22,14 +22,17 @@ pub use dead_letters::{
 pub use dispatch::{Fired, Lease, Pick, ReadyTask};
 pub use listen::Listener;
 pub use progress::{Completion, DEPTH_MAX, Settlement};
-pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX};
+pub use runs::{ExternalOutcome, FETCH_TASKS_MAX, LOCK_MS_MAX, TaskResult};
 pub use schedules::SCHEDULES_PER_TENANT_MAX;
 pub use tenancy::{
     APPLY_TENANTS_MAX, ActiveTenant, ApplyReport, KeyRecord, Quotas, TENANT_PAGE_MAX, TenantRecord,
     TenantSpec, TierSpec, Usage,
 };
 pub use tenants::{Tenant, TenantWithKey};
-pub use workflow::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, SignalOutcome, Started};
+pub use workflow::{
+    CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, START_BATCH_LEN_MAX, SignalOutcome,
+    Started,
+};
 
 /// The channel a transaction notifies when it makes a task ready.
 pub const READY_CHANNEL: &str = "ward_ready";
@@ -100,28 +103,41 @@ pub const APP_ROLE_DEFAULT: &str = "ward_app";
 
 /// Whose rows a transaction may see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
+pub(crate) enum Scope<'a> {
     /// One tenant's rows (every request of a tenant).
     Tenant(uuid::Uuid),
+    /// The rows of these tenants (a worker's group commit of the results of
+    /// several deliveries: the tenants of those messages).
+    Tenants(&'a [uuid::Uuid]),
     /// Every tenant's rows (the leader's loops, admin, key lookup).
     System,
 }
 
 /// Begins a transaction and sets its scope with `set_config(..., true)`, so
 /// the setting ends with the transaction and never leaks through the pool.
-pub(crate) async fn scoped(
-    client: &mut deadpool_postgres::Object,
-    scope: Scope,
-) -> Result<deadpool_postgres::Transaction<'_>, Error> {
+pub(crate) async fn scoped<'c>(
+    client: &'c mut deadpool_postgres::Object,
+    scope: Scope<'_>,
+) -> Result<deadpool_postgres::Transaction<'c>, Error> {
     let transaction = client.transaction().await?;
-    let (tenant, system) = match scope {
-        Scope::Tenant(tenant_id) => (tenant_id.to_string(), ""),
-        Scope::System => (String::new(), "on"),
+    let (tenant, tenants, system) = match scope {
+        Scope::Tenant(tenant_id) => (tenant_id.to_string(), String::new(), ""),
+        Scope::Tenants(tenant_ids) => (
+            String::new(),
+            tenant_ids
+                .iter()
+                .map(uuid::Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            "",
+        ),
+        Scope::System => (String::new(), String::new(), "on"),
     };
     transaction
         .execute_c(
-            "SELECT set_config('ward.tenant_id', $1, true), set_config('ward.system', $2, true)",
-            &[&tenant, &system],
+            "SELECT set_config('ward.tenant_id', $1, true), set_config('ward.tenant_ids', $2, true), \
+             set_config('ward.system', $3, true)",
+            &[&tenant, &tenants, &system],
         )
         .await?;
     Ok(transaction)
@@ -154,7 +170,15 @@ impl Store {
         );
         let timeout = Some(std::time::Duration::from_millis(settings.pool_wait_ms));
         // Every session: the idle-transaction bound, then the application role.
-        let mut session = format!("SET idle_in_transaction_session_timeout = {TX_IDLE_MS_MAX};");
+        // Generic plans: every cached statement is planned once per
+        // connection, not on each execution. (Custom plans re-planned the
+        // hot statements every time, inlining the row-security functions
+        // again: most of Postgres's CPU under load. Statements whose best
+        // plan depends on their parameters, the filtered list, ask for a
+        // custom plan themselves.)
+        let mut session = format!(
+            "SET idle_in_transaction_session_timeout = {TX_IDLE_MS_MAX}; SET plan_cache_mode = force_generic_plan;"
+        );
         if !settings.app_role.is_empty() {
             session.push_str(&format!(" SET ROLE {};", quote_ident(&settings.app_role)));
         }

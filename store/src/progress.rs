@@ -3,6 +3,9 @@
 //! new runs, timers, child instances, the instance's end, and the parent's
 //! step when a child ends. Every caller holds the instance row lock.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use futures::future::BoxFuture;
@@ -45,10 +48,48 @@ pub(crate) struct Locked {
     pub tenant_id: Uuid,
     pub tier: String,
     pub status: String,
-    pub definition: Definition,
+    pub definition: Arc<Definition>,
     pub input: Value,
     pub parent: Option<(Uuid, Uuid)>,
     pub depth: i32,
+}
+
+/// Most parsed definitions a process keeps.
+const DEFINITIONS_CACHED_MAX: usize = 4_096;
+
+/// Parsed definitions by id. A stored definition version never changes, so
+/// an entry never goes stale; ids are only ever looked up after reading
+/// them from a row the transaction's tenant scope can see.
+static DEFINITIONS: LazyLock<Mutex<HashMap<Uuid, Arc<Definition>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The definition version `id`, parsed once per process.
+pub(crate) async fn definition_by_id(
+    transaction: &Transaction<'_>,
+    id: Uuid,
+) -> Result<Arc<Definition>, Error> {
+    let cached = DEFINITIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .cloned();
+    if let Some(definition) = cached {
+        return Ok(definition);
+    }
+    let spec: Value = transaction
+        .query_one_c("SELECT spec FROM definitions WHERE id = $1", &[&id])
+        .await?
+        .get(0);
+    let definition: Arc<Definition> =
+        Arc::new(serde_json::from_value(spec).map_err(|error| Error::Corrupt(error.to_string()))?);
+    let mut cache = DEFINITIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if cache.len() >= DEFINITIONS_CACHED_MAX {
+        cache.clear();
+    }
+    cache.insert(id, definition.clone());
+    Ok(definition)
 }
 
 /// Locks an instance of a tenant (FOR UPDATE) with its definition.
@@ -59,8 +100,8 @@ pub(crate) async fn lock_instance(
 ) -> Result<Option<Locked>, Error> {
     let Some(row) = transaction
         .query_opt_c(
-            "SELECT i.status, d.spec, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, t.tier \
-             FROM instances i JOIN definitions d ON d.id = i.definition_id JOIN tenants t ON t.id = i.tenant_id \
+            "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, t.tier \
+             FROM instances i JOIN tenants t ON t.id = i.tenant_id \
              WHERE i.tenant_id = $1 AND i.id = $2 FOR UPDATE OF i",
             &[&tenant_id, &instance_id],
         )
@@ -68,8 +109,16 @@ pub(crate) async fn lock_instance(
     else {
         return Ok(None);
     };
-    let definition: Definition =
-        serde_json::from_value(row.get(1)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    locked_from_row(transaction, tenant_id, instance_id, &row).await
+}
+
+async fn locked_from_row(
+    transaction: &Transaction<'_>,
+    tenant_id: Uuid,
+    instance_id: Uuid,
+    row: &tokio_postgres::Row,
+) -> Result<Option<Locked>, Error> {
+    let definition = definition_by_id(transaction, row.get(1)).await?;
     let parent_instance: Option<Uuid> = row.get(3);
     let parent_run: Option<Uuid> = row.get(4);
     Ok(Some(Locked {
@@ -98,9 +147,6 @@ pub(crate) fn settle<'a>(
     started_at: Option<DateTime<Utc>>,
 ) -> BoxFuture<'a, Result<Completion, Error>> {
     Box::pin(async move {
-        let Some(instance) = lock_instance(transaction, tenant_id, instance_id).await? else {
-            return Ok(Completion::Unknown);
-        };
         let (state, output, error, retryable) = match &settlement {
             Settlement::Succeeded(output) => (RunState::Completed, Some(output), None, false),
             Settlement::Failed { error, retryable } => {
@@ -109,12 +155,19 @@ pub(crate) fn settle<'a>(
             Settlement::TimedOut(error) => (RunState::TimedOut, None, Some(error.as_str()), false),
         };
         let expected: Vec<&str> = expected.iter().map(|state| state.as_str()).collect();
-        let updated = transaction
-            .execute_c(
-                "UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = $4, \
+        // One round trip: lock the instance, then (only if it exists) record
+        // the result on the run; lock order instance, then run.
+        let Some(row) = transaction
+            .query_opt_c(
+                "WITH i AS (SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, \
+                 i.depth, t.tier FROM instances i JOIN tenants t ON t.id = i.tenant_id \
+                 WHERE i.tenant_id = $6 AND i.id = $8 FOR UPDATE OF i), \
+                 u AS (UPDATE task_runs SET state = $1, output = $2, error = $3, retryable = $4, \
                  started_at = coalesce($5, started_at), finished_at = now() \
                  WHERE tenant_id = $6 AND id = $7 AND instance_id = $8 AND state = ANY($9) \
-                 AND ($10::text IS NULL OR lock_owner = $10)",
+                 AND ($10::text IS NULL OR lock_owner = $10) AND EXISTS (SELECT 1 FROM i) RETURNING 1) \
+                 SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
+                 i.tier, (SELECT count(*) FROM u) FROM i",
                 &[
                     &state.as_str(),
                     &output,
@@ -128,7 +181,15 @@ pub(crate) fn settle<'a>(
                     &lock_owner,
                 ],
             )
-            .await?;
+            .await?
+        else {
+            return Ok(Completion::Unknown);
+        };
+        let updated: i64 = row.get(7);
+        let Some(instance) = locked_from_row(transaction, tenant_id, instance_id, &row).await?
+        else {
+            return Ok(Completion::Unknown);
+        };
         if updated == 0 {
             let exists = transaction
                 .query_opt_c(
@@ -176,6 +237,46 @@ pub(crate) fn advance<'a>(
             }
             let mut settled_now = false;
             let mut made_ready = false;
+            // Runs of tasks, HTTP calls and delays are one INSERT each and
+            // settle nothing at once: send them together (pipelined on the
+            // connection), with the wake-up when one is ready now.
+            let plain = plan.starts.iter().all(|start| {
+                start.skipped
+                    || instance
+                        .definition
+                        .step(&start.step_id)
+                        .is_some_and(|step| {
+                            matches!(step.kind, StepKind::Task | StepKind::Http | StepKind::Delay)
+                        })
+            });
+            if plain {
+                let ready_now = plan.starts.iter().any(|start| {
+                    !start.skipped
+                        && start.wait_ms == 0
+                        && instance
+                            .definition
+                            .step(&start.step_id)
+                            .is_some_and(|step| {
+                                matches!(step.kind, StepKind::Task | StepKind::Http)
+                            })
+                });
+                let tenant = instance.tenant_id.to_string();
+                let inserts = futures::future::try_join_all(
+                    plan.starts
+                        .iter()
+                        .map(|start| insert_start(transaction, instance, start)),
+                );
+                let notify = async {
+                    if ready_now {
+                        transaction
+                            .execute_c("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &tenant])
+                            .await?;
+                    }
+                    Ok::<(), Error>(())
+                };
+                futures::future::try_join(inserts, notify).await?;
+                return Ok(status::RUNNING.to_owned());
+            }
             for start in &plan.starts {
                 let (now, ready) = insert_start(transaction, instance, start).await?;
                 settled_now |= now;
@@ -548,24 +649,16 @@ async fn end_instance(
     output: Option<&Value>,
     error: Option<&str>,
 ) -> Result<(), Error> {
-    transaction
-        .execute_c(
-            "UPDATE instances SET status = $1, output = $2, error = $3, updated_at = now(), completed_at = now() \
-             WHERE tenant_id = $4 AND id = $5",
-            &[&new_status, &output, &error, &instance.tenant_id, &instance.id],
-        )
-        .await?;
-    transaction
-        .execute_c(
-            "UPDATE task_runs SET state = 'cancelled', finished_at = now() \
-             WHERE tenant_id = $1 AND instance_id = $2 AND state IN ('ready', 'waiting', 'locked')",
-            &[&instance.tenant_id, &instance.id],
-        )
-        .await?;
+    // One round trip: end the instance, cancel its pending runs, and list
+    // its running children (data-modifying CTEs always run to completion).
     let children = transaction
         .query_c(
-            "SELECT id FROM instances WHERE tenant_id = $1 AND parent_instance_id = $2 AND status = 'running'",
-            &[&instance.tenant_id, &instance.id],
+            "WITH ended AS (UPDATE instances SET status = $1, output = $2, error = $3, updated_at = now(), \
+             completed_at = now() WHERE tenant_id = $4 AND id = $5 RETURNING 1), \
+             cancelled AS (UPDATE task_runs SET state = 'cancelled', finished_at = now() \
+             WHERE tenant_id = $4 AND instance_id = $5 AND state IN ('ready', 'waiting', 'locked') RETURNING 1) \
+             SELECT id FROM instances WHERE tenant_id = $4 AND parent_instance_id = $5 AND status = 'running'",
+            &[&new_status, &output, &error, &instance.tenant_id, &instance.id],
         )
         .await?;
     for child in children {

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 use ward_shared::engine::RunState;
-use ward_shared::wire::{LockedTask, TaskMessage};
+use ward_shared::wire::LockedTask;
 
 use crate::Cached;
 use crate::progress::{self, Completion, Settlement};
@@ -32,33 +32,95 @@ pub enum ExternalOutcome {
     NotFound,
 }
 
+/// A worker's result for one dispatched run (see `Store::complete_tasks`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskResult {
+    pub tenant_id: Uuid,
+    pub instance_id: Uuid,
+    pub task_run_id: Uuid,
+    pub settlement: Settlement,
+    pub started_at: DateTime<Utc>,
+}
+
 impl Store {
-    /// Records a worker's result for the run in `message` and applies what
-    /// follows, in ONE transaction. Safe to call again with the same message,
+    /// Records a worker's result for a dispatched run and applies what
+    /// follows, in ONE transaction (waiting for the instance's row lock). Safe to call again with the same message,
     /// including after a COMMIT whose result is unknown: it answers `Duplicate`.
-    pub async fn complete_task(
-        &self,
-        message: &TaskMessage,
-        settlement: Settlement,
-        started_at: DateTime<Utc>,
-    ) -> Result<Completion, Error> {
+    pub async fn complete_task(&self, result: &TaskResult) -> Result<Completion, Error> {
         let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(message.tenant_id)).await?;
+        let transaction = scoped(&mut client, Scope::Tenant(result.tenant_id)).await?;
         let completion = progress::settle(
             &transaction,
-            message.tenant_id,
-            message.instance_id,
-            message.task_run_id,
+            result.tenant_id,
+            result.instance_id,
+            result.task_run_id,
             &[RunState::Ready, RunState::Dispatched],
             None,
-            settlement,
-            Some(started_at),
+            result.settlement.clone(),
+            Some(result.started_at),
         )
         .await?;
         if matches!(completion, Completion::Applied { .. }) {
             transaction.commit().await?;
         }
         Ok(completion)
+    }
+
+    /// Group commit: records several workers' results and applies what
+    /// follows, in ONE transaction scoped to the tenants of those results.
+    /// The instances are locked first, in id order, skipping any another
+    /// transaction holds: a result whose instance is busy is not attempted
+    /// (`None`), so group commits never queue behind each other; the caller
+    /// offers it again, or commits it alone with `complete_task`. On an
+    /// error nothing is written.
+    pub async fn complete_tasks(
+        &self,
+        results: &[TaskResult],
+    ) -> Result<Vec<Option<Completion>>, Error> {
+        let mut tenants: Vec<Uuid> = results.iter().map(|result| result.tenant_id).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut instances: Vec<Uuid> = results.iter().map(|result| result.instance_id).collect();
+        instances.sort_unstable();
+        instances.dedup();
+        let mut client = self.pool.get().await?;
+        let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
+        let locked: std::collections::HashSet<Uuid> = transaction
+            .query_c(
+                "SELECT id FROM instances WHERE tenant_id = ANY($1) AND id = ANY($2) \
+                 ORDER BY id FOR UPDATE SKIP LOCKED",
+                &[&tenants, &instances],
+            )
+            .await?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut completions = Vec::with_capacity(results.len());
+        let mut applied = false;
+        for result in results {
+            if !locked.contains(&result.instance_id) {
+                completions.push(None);
+                continue;
+            }
+            let completion = progress::settle(
+                &transaction,
+                result.tenant_id,
+                result.instance_id,
+                result.task_run_id,
+                &[RunState::Ready, RunState::Dispatched],
+                None,
+                result.settlement.clone(),
+                Some(result.started_at),
+            )
+            .await?;
+            applied |= matches!(completion, Completion::Applied { .. });
+            completions.push(Some(completion));
+        }
+        // Only redeliveries and late answers: nothing was written.
+        if applied {
+            transaction.commit().await?;
+        }
+        Ok(completions)
     }
 
     /// Locks up to `max_tasks` ready external tasks of `handlers` for

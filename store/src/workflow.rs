@@ -18,6 +18,8 @@ use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most instances one list page returns.
 pub const LIST_LIMIT_MAX: i64 = 200;
+/// Most instances one batch start holds.
+pub const START_BATCH_LEN_MAX: usize = 1_000;
 /// Most history events returned for one instance.
 pub const HISTORY_EVENTS_MAX: usize = 10_000;
 
@@ -157,6 +159,63 @@ impl Store {
         Ok(started)
     }
 
+    /// Starts several instances of one tenant in ONE transaction (the batch
+    /// submission API): all of them, or none when one fails (an unknown
+    /// definition answers `DefinitionNotFound` naming it). Each item has its
+    /// own idempotency key; a key or business key that matches an existing
+    /// instance returns that one. At most `START_BATCH_LEN_MAX` items.
+    pub async fn start_instances(
+        &self,
+        tenant: &Tenant,
+        requests: &[(StartInstance, Option<String>)],
+    ) -> Result<Vec<Started>, Error> {
+        if requests.len() > START_BATCH_LEN_MAX {
+            return Err(Error::Invalid {
+                field: "instances".into(),
+                message: format!("at most {START_BATCH_LEN_MAX} instances per batch"),
+            });
+        }
+        let mut client = self.pool.get().await?;
+        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let mut definitions: std::collections::HashMap<(String, Option<i32>), Resolved> =
+            std::collections::HashMap::new();
+        let mut started = Vec::with_capacity(requests.len());
+        for (request, idempotency_key) in requests {
+            let key = (request.definition.clone(), request.version);
+            let resolved = match definitions.get(&key) {
+                Some(resolved) => Resolved {
+                    id: resolved.id,
+                    version: resolved.version,
+                    definition: resolved.definition.clone(),
+                },
+                None => {
+                    let resolved = resolve_definition(&transaction, tenant, request).await?;
+                    definitions.insert(
+                        key,
+                        Resolved {
+                            id: resolved.id,
+                            version: resolved.version,
+                            definition: resolved.definition.clone(),
+                        },
+                    );
+                    resolved
+                }
+            };
+            started.push(
+                start_resolved(
+                    &transaction,
+                    tenant,
+                    request,
+                    idempotency_key.as_deref(),
+                    resolved,
+                )
+                .await?,
+            );
+        }
+        transaction.commit().await?;
+        Ok(started)
+    }
+
     /// An instance of `tenant` with its task runs, or `None`.
     pub async fn instance(
         &self,
@@ -238,6 +297,10 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
+        // The best index depends on which filters are set: plan per call.
+        client
+            .batch_execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            .await?;
         let rows = client
             .query_c(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
@@ -488,15 +551,31 @@ impl Store {
 }
 
 /// Starts an instance inside `transaction` (see [`Store::start_instance`]).
+/// A definition version resolved for starting instances.
+struct Resolved {
+    id: Uuid,
+    version: i32,
+    definition: std::sync::Arc<Definition>,
+}
+
 pub(crate) async fn start_instance_tx(
     transaction: &Transaction<'_>,
     tenant: &Tenant,
     request: &StartInstance,
     idempotency_key: Option<&str>,
 ) -> Result<Started, Error> {
+    let resolved = resolve_definition(transaction, tenant, request).await?;
+    start_resolved(transaction, tenant, request, idempotency_key, resolved).await
+}
+
+async fn resolve_definition(
+    transaction: &Transaction<'_>,
+    tenant: &Tenant,
+    request: &StartInstance,
+) -> Result<Resolved, Error> {
     let row = transaction
         .query_opt_c(
-            "SELECT id, version, spec FROM definitions \
+            "SELECT id, version FROM definitions \
              WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
              ORDER BY version DESC LIMIT 1",
             &[&tenant.id, &request.definition, &request.version],
@@ -506,10 +585,26 @@ pub(crate) async fn start_instance_tx(
             name: request.definition.clone(),
             version: request.version,
         })?;
-    let definition_id: Uuid = row.get(0);
-    let version: i32 = row.get(1);
-    let definition: Definition =
-        serde_json::from_value(row.get(2)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let id: Uuid = row.get(0);
+    Ok(Resolved {
+        id,
+        version: row.get(1),
+        definition: progress::definition_by_id(transaction, id).await?,
+    })
+}
+
+async fn start_resolved(
+    transaction: &Transaction<'_>,
+    tenant: &Tenant,
+    request: &StartInstance,
+    idempotency_key: Option<&str>,
+    resolved: Resolved,
+) -> Result<Started, Error> {
+    let Resolved {
+        id: definition_id,
+        version,
+        definition,
+    } = resolved;
     let instance_id = Uuid::now_v7();
     let trace_parent = request
         .trace_parent
@@ -550,7 +645,7 @@ pub(crate) async fn start_instance_tx(
             .await?;
         return Ok(Started {
             id: existing.get(0),
-            definition: definition.name,
+            definition: definition.name.clone(),
             version: existing.get(1),
             status: existing.get(2),
             created: false,
@@ -569,7 +664,7 @@ pub(crate) async fn start_instance_tx(
     let instance_status = progress::advance(transaction, &locked, true).await?;
     Ok(Started {
         id: instance_id,
-        definition: locked.definition.name,
+        definition: locked.definition.name.clone(),
         version,
         status: instance_status,
         created: true,
@@ -588,7 +683,7 @@ pub(crate) async fn create_child(
 ) -> Result<Option<Locked>, Error> {
     let Some(row) = transaction
         .query_opt_c(
-            "SELECT id, spec FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
+            "SELECT id FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
              ORDER BY version DESC LIMIT 1",
             &[&parent.tenant_id, &name, &version],
         )
@@ -597,8 +692,7 @@ pub(crate) async fn create_child(
         return Ok(None);
     };
     let definition_id: Uuid = row.get(0);
-    let definition: Definition =
-        serde_json::from_value(row.get(1)).map_err(|error| Error::Corrupt(error.to_string()))?;
+    let definition = progress::definition_by_id(transaction, definition_id).await?;
     let child_id = Uuid::now_v7();
     let idempotency_key = format!("child:{parent_task_run_id}");
     transaction

@@ -4,6 +4,7 @@
 
 mod api;
 mod autoscale;
+mod batching;
 mod chaos;
 mod cli;
 mod election;

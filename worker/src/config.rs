@@ -26,6 +26,11 @@ pub struct Config {
     pub handler_timeout_ms: u64,
     /// Attempts at committing one result while the store is unavailable.
     pub commit_attempts_max: u32,
+    /// Group commit: concurrent commit transactions (each holds a pooled
+    /// connection; at most `database.pool_size_max - 1` are used).
+    pub committers: usize,
+    /// Group commit: most task results in one transaction.
+    pub commit_batch_len_max: usize,
     /// How often the worker extends the lease of a running task.
     pub heartbeat_interval_ms: u64,
     /// How far each heartbeat extends the lease.
@@ -54,6 +59,8 @@ impl Default for Config {
             prefetch: 32,
             handler_timeout_ms: 30_000,
             commit_attempts_max: 5,
+            committers: 4,
+            commit_batch_len_max: 64,
             heartbeat_interval_ms: 10_000,
             heartbeat_lease_ms: 30_000,
             shutdown_deadline_ms: 10_000,
@@ -91,6 +98,11 @@ impl Config {
             "tiers: at least one tier is needed"
         );
         anyhow::ensure!(config.prefetch >= 1, "prefetch: must be at least 1");
+        anyhow::ensure!(
+            (1..=1_024).contains(&config.commit_batch_len_max),
+            "commit_batch_len_max: must be 1 to 1024"
+        );
+        anyhow::ensure!(config.committers >= 1, "committers: must be at least 1");
         Ok(config)
     }
 }

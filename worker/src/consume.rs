@@ -13,8 +13,9 @@ use tracing::Instrument;
 use ward_broker::{Broker, Delivery};
 use ward_shared::trace::TraceParent;
 use ward_shared::wire::TaskMessage;
-use ward_store::{Completion, Settlement, Store};
+use ward_store::{Completion, Settlement, Store, TaskResult};
 
+use crate::commit::Committer;
 use crate::config::Config;
 use crate::handler::{Registry, Task};
 use crate::metrics::Metrics;
@@ -37,6 +38,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Hand back deliveries still running.
     pub hand_back: CancellationToken,
+    /// Commits results, several per transaction.
+    pub committer: Committer,
 }
 
 /// Consumes until shutdown, then waits for in-flight deliveries to settle.
@@ -198,8 +201,14 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
     let attempts_max = context.config.commit_attempts_max.max(1);
     for attempt in 1..=attempts_max {
         match context
-            .store
-            .complete_task(message, outcome.clone(), started_at)
+            .committer
+            .commit(TaskResult {
+                tenant_id: message.tenant_id,
+                instance_id: message.instance_id,
+                task_run_id: message.task_run_id,
+                settlement: outcome.clone(),
+                started_at,
+            })
             .await
         {
             Ok(completion) => {

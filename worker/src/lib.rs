@@ -5,6 +5,7 @@
 //! handlers and calls [`Worker::start`]. Workers keep no state between
 //! messages: everything they know comes with the message or from Postgres.
 
+mod commit;
 mod config;
 mod consume;
 mod handler;
@@ -84,6 +85,16 @@ impl Worker {
             ),
             shutdown.clone(),
         ));
+        let committer = commit::Committer::start(
+            store.clone(),
+            metrics.clone(),
+            config
+                .committers
+                .min(config.database.pool_size_max.saturating_sub(1))
+                .max(1),
+            config.commit_batch_len_max,
+            usize::from(config.prefetch) * config.tiers.len(),
+        );
         tracker.spawn(consume::run(consume::Context {
             config: config.clone(),
             registry: Arc::new(registry),
@@ -96,6 +107,7 @@ impl Worker {
                 .context("build the HTTP client")?,
             shutdown: shutdown.clone(),
             hand_back: hand_back.clone(),
+            committer,
         }));
         tracker.close();
         tracing::info!(%http_addr, node_id = %config.node_id, tiers = ?config.tiers, "worker started");

@@ -1,7 +1,7 @@
 //! Worker metrics: names are constants here; labels come from closed sets.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub const TASKS_EXECUTED_TOTAL: &str = "ward_tasks_executed_total";
@@ -13,6 +13,7 @@ pub const SCHEDULE_TO_START_SECONDS: &str = "ward_schedule_to_start_seconds";
 pub const TASK_RETRIES_TOTAL: &str = "ward_task_retries_total";
 pub const INSTANCES_FINISHED_TOTAL: &str = "ward_instances_finished_total";
 pub const DB_POOL_CONNECTIONS: &str = "ward_db_pool_connections";
+pub const TASK_COMMIT_BATCH_SIZE: &str = "ward_task_commit_batch_size";
 
 /// The worker's metrics, in its own registry.
 #[derive(Clone)]
@@ -36,6 +37,8 @@ pub struct Metrics {
     /// By `reason`: malformed.
     pub deliveries_rejected_total: IntCounterVec,
     pub tasks_in_flight: IntGauge,
+    /// Results per group-commit transaction.
+    pub commit_batch_len: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,6 +119,14 @@ impl Metrics {
             )
             .unwrap(),
             tasks_in_flight: IntGauge::new(TASKS_RUNNING, "Deliveries being handled now.").unwrap(),
+            commit_batch_len: Histogram::with_opts(
+                HistogramOpts::new(
+                    TASK_COMMIT_BATCH_SIZE,
+                    "Task results committed per transaction (group commit).",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            )
+            .unwrap(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.tasks_executed_total.clone()),
@@ -127,6 +138,7 @@ impl Metrics {
             Box::new(metrics.task_retries_total.clone()),
             Box::new(metrics.instances_finished_total.clone()),
             Box::new(metrics.db_pool_connections.clone()),
+            Box::new(metrics.commit_batch_len.clone()),
         ];
         for outcome in ["succeeded", "failed"] {
             metrics.tasks_executed_total.with_label_values(&[outcome]);

@@ -9,8 +9,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use ward_shared::wire::{History, InstanceStarted, SignalSent, StartInstance, status};
-use ward_store::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, SignalOutcome};
+use ward_shared::wire::{
+    BatchStarted, History, InstanceStarted, SignalSent, StartBatch, StartInstance, status,
+};
+use ward_store::{CancelOutcome, LIST_LIMIT_MAX, ListFilter, START_BATCH_LEN_MAX, SignalOutcome};
 
 use super::{ApiError, AppState, Authenticated, check_name, parse_id, parse_json, reject};
 
@@ -118,6 +120,131 @@ pub async fn start(
                 created: started.created,
             }),
         ))
+    }
+    .await;
+    match result {
+        Ok(answer) => answer.into_response(),
+        Err(error) => reject(&state, error),
+    }
+}
+
+/// `POST /v1/instances/batch`: up to `START_BATCH_LEN_MAX` starts in one
+/// transaction, all or none. A bad item answers 4xx naming it
+/// (`instances[3].definition`) and nothing is started.
+pub async fn start_batch(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        if tenant.is_suspended() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "tenant_suspended",
+                format!("tenant `{}` is suspended: no new instances until it is resumed", tenant.slug),
+            ));
+        }
+        let batch: StartBatch = parse_json(body)?;
+        if batch.instances.is_empty() || batch.instances.len() > START_BATCH_LEN_MAX {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                format!("a batch holds 1 to {START_BATCH_LEN_MAX} instances"),
+            )
+            .field("instances"));
+        }
+        let trace_parent = headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| ward_shared::trace::TraceParent::parse(value).is_some())
+            .map(str::to_owned);
+        let payload_bytes_max = usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX);
+        let mut requests = Vec::with_capacity(batch.instances.len());
+        for (index, item) in batch.instances.into_iter().enumerate() {
+            let at = |field: &str| format!("instances[{index}].{field}");
+            if item.definition.is_empty() {
+                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "a definition name is needed")
+                    .field(at("definition")));
+            }
+            for (field, key) in [("business_key", &item.business_key), ("idempotency_key", &item.idempotency_key)] {
+                if key.as_ref().is_some_and(|key| key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX) {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_field",
+                        format!("{field} has 1 to {IDEMPOTENCY_KEY_LEN_MAX} characters"),
+                    )
+                    .field(at(field)));
+                }
+            }
+            if serde_json::to_vec(&item.input).map_or(0, |bytes| bytes.len()) > payload_bytes_max {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the input exceeds this tenant's limit of {payload_bytes_max} bytes"),
+                )
+                .field(at("input")));
+            }
+            requests.push((
+                StartInstance {
+                    definition: item.definition,
+                    version: item.version,
+                    input: item.input,
+                    business_key: item.business_key,
+                    trace_parent: trace_parent.clone(),
+                },
+                item.idempotency_key,
+            ));
+        }
+        let running_max = i64::from(tenant.quotas.running_instances_max);
+        let running = state
+            .store
+            .running_instances_at_most(&tenant, running_max)
+            .await
+            .map_err(ApiError::store)?;
+        let asked = i64::try_from(requests.len()).unwrap_or(i64::MAX);
+        if running.saturating_add(asked) > running_max {
+            state.metrics.tenant_throttled_total.with_label_values(&["running_instances"]).inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!("{running} instances are running and {asked} more were asked: the quota is {running_max}"),
+            )
+            .field("running_instances_max"));
+        }
+        let timer = state
+            .metrics
+            .store_transaction_seconds
+            .with_label_values(&["start_instances"])
+            .start_timer();
+        let started = state.store.start_instances(&tenant, &requests).await.map_err(|error| {
+            // Name the first item that asked for the missing definition.
+            if let ward_store::Error::DefinitionNotFound { name, version } = &error {
+                if let Some(index) = requests
+                    .iter()
+                    .position(|(request, _)| &request.definition == name && &request.version == version)
+                {
+                    return ApiError::store(error).field(format!("instances[{index}].definition"));
+                }
+            }
+            ApiError::store(error)
+        })?;
+        timer.observe_duration();
+        let created = started.iter().filter(|started| started.created).count();
+        state.metrics.instances_started_total.inc_by(created as u64);
+        tracing::debug!(tenant_id = %tenant.id, len = started.len(), created, "batch start");
+        Ok(Json(BatchStarted {
+            instances: started
+                .into_iter()
+                .map(|started| InstanceStarted {
+                    id: started.id,
+                    status: started.status,
+                    definition: started.definition,
+                    version: started.version,
+                    created: started.created,
+                })
+                .collect(),
+        }))
     }
     .await;
     match result {

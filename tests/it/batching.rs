@@ -1,0 +1,343 @@
+//! Batching on the hot path: the batch start API (all or none, a bad item
+//! named, per-item idempotency keys) and the worker's group commit (several
+//! results per transaction, busy instances skipped, every answer per result).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+use ward_shared::wire::StartInstance;
+use ward_store::{Completion, Settlement, TaskResult};
+use ward_worker::{Registry, Worker};
+
+use crate::sandbox::{Sandbox, free_port, sequential};
+
+/// Waits until `count` instances of `definition` have completed.
+async fn wait_completed(sandbox: &Sandbox, definition: &str, count: i64, timeout: Duration) {
+    let sql = sandbox.sql().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done: i64 = sql
+            .query_one(
+                "SELECT count(*) FROM instances WHERE definition_name = $1 AND status = 'completed'",
+                &[&definition],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {count} `{definition}` instances completed after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn instance_count(sandbox: &Sandbox) -> i64 {
+    sandbox
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM instances", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_batch_start_runs_every_instance_and_a_bad_item_starts_none() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    sandbox.start_worker(Registry::builtin()).await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "ward-7", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("admit", &["echo", "noop"]))
+        .await;
+    let batch_url = format!("{url}/v1/instances/batch");
+
+    let items: Vec<Value> = (0..50)
+        .map(|n| json!({ "definition": "admit", "input": { "bed": n }, "idempotency_key": format!("admit-{n}") }))
+        .collect();
+    let (status, body) = sandbox
+        .post(&batch_url, &key, &json!({ "instances": items }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = body["instances"].as_array().unwrap();
+    assert_eq!(started.len(), 50);
+    assert!(started.iter().all(|item| item["created"] == true));
+    let ids: Vec<&str> = started
+        .iter()
+        .map(|item| item["id"].as_str().unwrap())
+        .collect();
+
+    // The same batch again starts nothing new and answers the same ids.
+    let (status, again) = sandbox
+        .post(&batch_url, &key, &json!({ "instances": items }))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    let again_ids: Vec<&str> = again["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(again_ids, ids);
+    assert!(
+        again["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|item| item["created"] == false)
+    );
+    wait_completed(&sandbox, "admit", 50, Duration::from_secs(60)).await;
+    let instance = sandbox.instance(&url, &key, ids[7]).await;
+    assert_eq!(instance["input"]["bed"], 7, "{instance}");
+    assert_eq!(instance["output"]["echo"]["bed"], 7, "{instance}");
+
+    // Bad items: the answer names the item and the field; nothing starts.
+    let before = instance_count(&sandbox).await;
+    let unknown = json!({ "instances": [
+        { "definition": "admit" }, { "definition": "admit" }, { "definition": "discharge" },
+    ] });
+    let (status, body) = sandbox.post(&batch_url, &key, &unknown).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["field"], "instances[2].definition", "{body}");
+    let long_key = json!({ "instances": [
+        { "definition": "admit" }, { "definition": "admit", "idempotency_key": "k".repeat(201) },
+    ] });
+    let (status, body) = sandbox.post(&batch_url, &key, &long_key).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["field"], "instances[1].idempotency_key",
+        "{body}"
+    );
+    let (status, body) = sandbox
+        .post(&batch_url, &key, &json!({ "instances": [] }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "instances", "{body}");
+    let too_many: Vec<Value> = (0..1_001)
+        .map(|_| json!({ "definition": "admit" }))
+        .collect();
+    let (status, body) = sandbox
+        .post(&batch_url, &key, &json!({ "instances": too_many }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = sandbox
+        .post(
+            &batch_url,
+            &key,
+            &json!({ "instances": [{ "definition": "admit", "colour": 1 }] }),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["field"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("instances[0]"),
+        "{body}"
+    );
+    assert_eq!(instance_count(&sandbox).await, before);
+    sandbox.teardown().await;
+}
+
+#[tokio::test]
+async fn group_commit_answers_each_result_and_skips_busy_instances() {
+    let sandbox = Sandbox::new().await;
+    let settings = ward_store::Settings {
+        url: crate::sandbox::database_url(),
+        schema: sandbox.schema(),
+        pool_size_max: 4,
+        pool_wait_ms: 5_000,
+        app_role: ward_store::APP_ROLE_DEFAULT.into(),
+    };
+    ward_store::migrate(&settings).await.unwrap();
+    let store = ward_store::Store::connect(&settings).unwrap();
+    let definition = ward_shared::Definition::from_json(
+        serde_json::to_string(&sequential("round", &["echo"]))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut tenants = Vec::new();
+    for slug in ["north-wing", "south-wing"] {
+        let tenant = store
+            .create_tenant(slug, "gold", ward_store::Quotas::default())
+            .await
+            .unwrap()
+            .tenant;
+        store
+            .publish_definition(&tenant, &definition)
+            .await
+            .unwrap();
+        tenants.push(tenant);
+    }
+    let start = StartInstance {
+        definition: "round".into(),
+        version: None,
+        input: json!({}),
+        business_key: None,
+        trace_parent: None,
+    };
+    // Three instances of one tenant, two of the other, started as batches.
+    let mut instances = Vec::new();
+    for (tenant, count) in tenants.iter().zip([3, 2]) {
+        let requests: Vec<(StartInstance, Option<String>)> =
+            (0..count).map(|_| (start.clone(), None)).collect();
+        for started in store.start_instances(tenant, &requests).await.unwrap() {
+            instances.push((tenant.id, started.id));
+        }
+    }
+    let sql = sandbox.sql().await;
+    let mut results = Vec::new();
+    for (tenant_id, instance_id) in &instances {
+        let run: Uuid = sql
+            .query_one(
+                "SELECT id FROM task_runs WHERE instance_id = $1 AND state = 'ready'",
+                &[instance_id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        results.push(TaskResult {
+            tenant_id: *tenant_id,
+            instance_id: *instance_id,
+            task_run_id: run,
+            settlement: Settlement::Succeeded(json!({ "checked": true })),
+            started_at: chrono::Utc::now(),
+        });
+    }
+
+    // Another transaction holds the last instance: its result is skipped
+    // (None), the others commit together.
+    let admin = sandbox.sql().await;
+    admin.batch_execute("BEGIN").await.unwrap();
+    admin
+        .execute(
+            "SELECT 1 FROM instances WHERE id = $1 FOR UPDATE",
+            &[&instances[4].1],
+        )
+        .await
+        .unwrap();
+    let answers = store.complete_tasks(&results).await.unwrap();
+    assert_eq!(answers.len(), 5);
+    for answer in &answers[..4] {
+        assert_eq!(
+            answer,
+            &Some(Completion::Applied {
+                instance_status: "completed".into()
+            })
+        );
+    }
+    assert_eq!(answers[4], None, "a busy instance is not waited for");
+    admin.batch_execute("ROLLBACK").await.unwrap();
+
+    // Redelivered results answer Duplicate; the skipped one commits now.
+    let answers = store.complete_tasks(&results).await.unwrap();
+    assert_eq!(answers[0], Some(Completion::Duplicate));
+    assert_eq!(
+        answers[4],
+        Some(Completion::Applied {
+            instance_status: "completed".into()
+        })
+    );
+    let completed: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM instances WHERE status = 'completed' AND output = '{\"checked\": true}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(completed, 5);
+
+    // A result naming another tenant's instance changes nothing.
+    let forged = TaskResult {
+        tenant_id: tenants[1].id,
+        ..results[0].clone()
+    };
+    assert_eq!(
+        store.complete_task(&forged).await.unwrap(),
+        Completion::Unknown
+    );
+    sandbox.teardown().await;
+}
+
+#[tokio::test]
+async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    let worker_addr = format!("127.0.0.1:{}", free_port());
+    let mut config = sandbox.worker_config();
+    config.http_addr = worker_addr.clone();
+    config.prefetch = 32;
+    config.committers = 1;
+    let worker = Worker::start(config, Registry::builtin()).await.unwrap();
+    sandbox.workers.push(worker);
+    let key = sandbox.tenant(&url, "day-care", "gold").await;
+    let branches: Vec<String> = (0..10).map(|n| format!("b{n}")).collect();
+    let mut yaml =
+        String::from("name: spread\nsteps:\n  - { id: start, kind: task, handler: noop }\n");
+    for branch in &branches {
+        yaml.push_str(&format!(
+            "  - {{ id: {branch}, kind: task, handler: noop, needs: [start] }}\n"
+        ));
+    }
+    yaml.push_str(&format!(
+        "  - {{ id: join, kind: task, handler: noop, needs: [{}] }}\n",
+        branches.join(", ")
+    ));
+    sandbox.publish_yaml(&url, &key, &yaml).await;
+    let items: Vec<Value> = (0..20).map(|_| json!({ "definition": "spread" })).collect();
+    let (status, body) = sandbox
+        .post(
+            &format!("{url}/v1/instances/batch"),
+            &key,
+            &json!({ "instances": items }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_completed(&sandbox, "spread", 20, Duration::from_secs(90)).await;
+    let runs: i64 = sandbox
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM task_runs WHERE state = 'completed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 20 * 12, "every step ran once");
+
+    let metrics = sandbox
+        .http
+        .get(format!("http://{worker_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(series))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{metrics}"))
+    };
+    let results = value("ward_task_commit_batch_size_sum");
+    let transactions = value("ward_task_commit_batch_size_count");
+    assert_eq!(results, 240.0, "every result went through a group commit");
+    assert!(
+        transactions < results,
+        "{results} results in {transactions} transactions: none shared"
+    );
+    sandbox.teardown().await;
+}

@@ -1,0 +1,150 @@
+//! Group commit: the results of deliveries that finish close together are
+//! committed in one transaction (`Store::complete_tasks`), by a bounded
+//! number of committers, so a busy worker pays one commit for many tasks and
+//! the branches of a fan-out stop queueing on their instance's row lock.
+//!
+//! Nothing is held between messages: a result waits here only until its
+//! transaction commits, then its delivery is acked by the task that ran it.
+//! A batch commits as soon as a committer is free (no added wait): batches
+//! grow only while the committers are busy.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use ward_store::{Completion, Store, TaskResult};
+
+use crate::metrics::Metrics;
+
+/// Why a result was not committed; the caller retries or hands back.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Store(#[from] ward_store::Error),
+    #[error("the committers have stopped")]
+    Stopped,
+}
+
+/// Group commits a result may sit out (its instance locked by another
+/// transaction) before it is committed alone, waiting for the lock.
+const DEFERRALS_MAX: u32 = 2;
+
+/// One result waiting for its commit.
+struct Pending {
+    result: TaskResult,
+    answer: oneshot::Sender<Result<Completion, CommitError>>,
+    deferrals: u32,
+}
+
+/// Hands results to the committers; cheap to clone.
+#[derive(Clone)]
+pub struct Committer {
+    queues: Arc<Vec<mpsc::Sender<Pending>>>,
+}
+
+impl Committer {
+    /// Starts `committers` commit loops taking up to `batch_len_max` results
+    /// per transaction. The results of one instance always go to the same
+    /// loop, so a fan-out's branches meet in one transaction instead of
+    /// queueing on their instance's row lock. The loops end when every
+    /// `Committer` clone is dropped, after committing what was queued.
+    pub fn start(
+        store: Store,
+        metrics: Metrics,
+        committers: usize,
+        batch_len_max: usize,
+        queue_len_max: usize,
+    ) -> Committer {
+        let committers = committers.max(1);
+        let mut queues = Vec::with_capacity(committers);
+        for _ in 0..committers {
+            let (queue, receiver) = mpsc::channel((queue_len_max / committers).max(1));
+            queues.push(queue);
+            tokio::spawn(commit_loop(
+                store.clone(),
+                metrics.clone(),
+                receiver,
+                batch_len_max.max(1),
+            ));
+        }
+        Committer {
+            queues: Arc::new(queues),
+        }
+    }
+
+    /// Commits `result` (with others, when some are waiting) and answers
+    /// what the commit did.
+    pub async fn commit(&self, result: TaskResult) -> Result<Completion, CommitError> {
+        let (answer, answered) = oneshot::channel();
+        let index = (result.instance_id.as_u128() % self.queues.len() as u128) as usize;
+        let pending = Pending {
+            result,
+            answer,
+            deferrals: 0,
+        };
+        if self.queues[index].send(pending).await.is_err() {
+            return Err(CommitError::Stopped);
+        }
+        answered.await.unwrap_or(Err(CommitError::Stopped))
+    }
+}
+
+async fn commit_loop(
+    store: Store,
+    metrics: Metrics,
+    mut receiver: mpsc::Receiver<Pending>,
+    batch_len_max: usize,
+) {
+    let mut carried: Vec<Pending> = Vec::new();
+    loop {
+        let mut batch = std::mem::take(&mut carried);
+        if batch.is_empty() {
+            if receiver.recv_many(&mut batch, batch_len_max).await == 0 {
+                return;
+            }
+        } else {
+            while batch.len() < batch_len_max {
+                match receiver.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+        }
+        metrics.commit_batch_len.observe(batch.len() as f64);
+        if let [_] = batch.as_slice() {
+            for pending in batch {
+                let answer = store.complete_task(&pending.result).await;
+                let _ = pending.answer.send(answer.map_err(CommitError::from));
+            }
+            continue;
+        }
+        let results: Vec<TaskResult> = batch.iter().map(|pending| pending.result.clone()).collect();
+        match store.complete_tasks(&results).await {
+            Ok(completions) => {
+                for (mut pending, completion) in batch.into_iter().zip(completions) {
+                    match completion {
+                        Some(completion) => {
+                            let _ = pending.answer.send(Ok(completion));
+                        }
+                        None if pending.deferrals + 1 < DEFERRALS_MAX => {
+                            pending.deferrals += 1;
+                            carried.push(pending);
+                        }
+                        None => {
+                            let answer = store.complete_task(&pending.result).await;
+                            let _ = pending.answer.send(answer.map_err(CommitError::from));
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                // Nothing of the batch was written: commit each on its own,
+                // so one result at fault fails alone.
+                tracing::debug!(%error, len = results.len(), "group commit failed; committing one by one");
+                for pending in batch {
+                    let answer = store.complete_task(&pending.result).await;
+                    let _ = pending.answer.send(answer.map_err(CommitError::from));
+                }
+            }
+        }
+    }
+}
