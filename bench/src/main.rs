@@ -83,8 +83,12 @@ enum Command {
         /// Instances stored for the query scenario.
         #[arg(long)]
         query_instances: Option<i64>,
+        /// Ready tasks loaded for the backlog scenario.
+        #[arg(long)]
+        backlog_tasks: Option<i64>,
         /// Scenarios to run (default all): throughput, steps, latency,
-        /// queries, substrate. Results then go to perf[-quick]-only.json.
+        /// queries, substrate, backlog. Results then go to
+        /// perf[-quick]-only.json.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -125,10 +129,14 @@ async fn main() -> anyhow::Result<()> {
             seed,
             measure_s,
             query_instances,
+            backlog_tasks,
             only,
         } => {
             let mut options = perf::Options::new(quick, seed, args.out.clone());
             options.only = only;
+            if let Some(backlog_tasks) = backlog_tasks {
+                options.backlog_tasks = backlog_tasks.max(1_000);
+            }
             if let Some(measure_s) = measure_s {
                 options.measure_s = measure_s.max(1);
             }

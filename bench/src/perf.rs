@@ -31,9 +31,12 @@ pub struct Options {
     pub query_instances: i64,
     pub query_tenants: usize,
     pub query_clients: usize,
+    /// Ready tasks bulk-loaded for the backlog scenario.
+    pub backlog_tasks: i64,
     pub out: std::path::PathBuf,
     /// Scenarios to run (empty: all): throughput, steps, latency, queries,
-    /// substrate. Latency and queries need throughput's figure and run it.
+    /// substrate, backlog. Latency, queries and backlog need throughput's
+    /// figure and run it.
     pub only: Vec<String>,
 }
 
@@ -53,6 +56,7 @@ impl Options {
             query_instances: if quick { 100_000 } else { 1_000_000 },
             query_tenants: if quick { 1_000 } else { 10_000 },
             query_clients: if quick { 50 } else { 200 },
+            backlog_tasks: if quick { 100_000 } else { 1_000_000 },
             out,
             only: Vec::new(),
         }
@@ -443,6 +447,71 @@ async fn queries(
     }))
 }
 
+/// Ready task runs waiting for dispatch.
+async fn ready_count(sql: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(sql
+        .query_one(
+            "SELECT count(*) FROM task_runs WHERE state = 'ready' AND NOT external",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Scenario 7: a backlog of `count` ready single-step tasks, bulk-loaded
+/// into Postgres over the throughput tenants, then the completion rate over
+/// the window while the backlog drains, as a share of `empty_per_s` (the
+/// rate of scenario 1, whose backlog was bounded).
+async fn backlog(
+    cluster: &Cluster,
+    options: &Options,
+    tenant_prefix: &str,
+    tenants: usize,
+    empty_per_s: f64,
+) -> anyhow::Result<Value> {
+    let sql = cluster.sql().await?;
+    let loaded = Instant::now();
+    sql.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, created_at, updated_at)          SELECT gen_random_uuid(), t.id, d.id, 'perf-noop', 'running', jsonb_build_object('backlog', true), now(), now()          FROM generate_series(1, {count}) AS n          JOIN (SELECT id, row_number() OVER (ORDER BY slug) - 1 AS k FROM tenants WHERE slug LIKE '{tenant_prefix}-%') t            ON t.k = n % {tenants}          JOIN definitions d ON d.tenant_id = t.id AND d.name = 'perf-noop' AND d.version = 1;
+         INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state,            idempotency_key, input, external, config)          SELECT gen_random_uuid(), i.tenant_id, i.id, 'only', 'task', 'noop', 1, 'gold', 'ready',            i.id::text || ':only', '{{}}'::jsonb, false,            jsonb_build_object('timeout_ms', NULL, 'url', NULL, 'method', 'POST', 'headers', '{{}}'::jsonb)          FROM instances i WHERE i.status = 'running' AND i.input = jsonb_build_object('backlog', true);
+         COMMIT;
+         ANALYZE instances; ANALYZE task_runs;",
+        count = options.backlog_tasks,
+    ))
+    .await?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(options.warmup_s)).await;
+    let ready_at_start = ready_count(&sql).await?;
+    let start: DateTime<Utc> = sql.query_one("SELECT now()", &[]).await?.get(0);
+    let mut series = Vec::new();
+    let mut at = start;
+    for _ in 0..options.measure_s {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let next = at + chrono::Duration::seconds(1);
+        series.push(
+            completed_between(&sql, "perf-noop", at, next)
+                .await
+                .unwrap_or(0),
+        );
+        at = next;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = completed_between(&sql, "perf-noop", start, at).await?;
+    let ready_at_end = ready_count(&sql).await?;
+    let per_s = total as f64 / options.measure_s as f64;
+    Ok(json!({
+        "loaded_tasks": options.backlog_tasks,
+        "load_s": round1(load_s),
+        "ready_at_start": ready_at_start,
+        "ready_at_end": ready_at_end,
+        "drain_per_s": round1(per_s),
+        "empty_queue_per_s": round1(empty_per_s),
+        "share_of_empty_queue_rate": round3(per_s / empty_per_s.max(1.0)),
+        "per_second": series,
+    }))
+}
+
 /// Scenario 5: the broker and the database alone on this machine.
 async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Result<Value> {
     // RabbitMQ: publish with confirms (batches of 256, pipelined) while a
@@ -558,7 +627,7 @@ async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Re
 
 /// Runs every scenario; writes `perf[-quick].json` and `.md` under `out`.
 pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Result<Value> {
-    let bar = indicatif::ProgressBar::new(6);
+    let bar = indicatif::ProgressBar::new(7);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -582,7 +651,10 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         let rss_before = cluster.rss_bytes();
 
         let mut throughput = Value::Null;
-        if options.wants("throughput") || options.wants("latency") || options.wants("queries") {
+        if ["throughput", "latency", "queries", "backlog"]
+            .iter()
+            .any(|scenario| options.wants(scenario))
+        {
             bar.set_message("1. throughput (single-step no-op)");
             throughput = sustained(&cluster, &keys, "perf-noop", &options).await?;
         }
@@ -631,6 +703,14 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         }
         bar.inc(1);
 
+        // Last: the backlog is still draining when the cluster stops.
+        let mut drained = Value::Null;
+        if options.wants("backlog") {
+            bar.set_message("7. a backlog of ready tasks draining");
+            drained = backlog(&cluster, &options, &format!("{name}-t"), keys.len(), max_per_s).await?;
+        }
+        bar.inc(1);
+
         let tasks_1k = throughput["completed_in_window"].as_f64().unwrap_or(0.0) / 1000.0;
         let per_1k = |key: &str| round3(throughput[key].as_f64().unwrap_or(0.0) / tasks_1k.max(0.001));
         let resources = json!({
@@ -652,6 +732,7 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
             "queries": query,
             "substrate": raw,
             "ward_share_of_broker": round3(ward_per_s / broker_per_s.max(1.0)),
+            "backlog": drained,
             "resources": resources,
         }))
     }
@@ -832,6 +913,16 @@ fn markdown(report: &Value) -> String {
     row(
         "6. resident memory after scenario 1 (MB)",
         f["resources"]["rss_mb_after_throughput"].to_string(),
+    );
+    row(
+        "7. backlog of ready tasks: drain tasks/s (share of the empty-queue rate)",
+        format!(
+            "{} ({}; {} ready at the window's start, {} at its end)",
+            f["backlog"]["drain_per_s"],
+            f["backlog"]["share_of_empty_queue_rate"],
+            f["backlog"]["ready_at_start"],
+            f["backlog"]["ready_at_end"]
+        ),
     );
     text
 }
