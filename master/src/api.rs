@@ -39,6 +39,8 @@ pub struct AppState {
     pub ready: Arc<tokio::sync::Notify>,
     /// The member registry and cluster signals in etcd (one client).
     pub registry: Arc<ward_membership::Registry>,
+    /// Group commit of single starts.
+    pub starts: crate::starts::StartCommitter,
 }
 
 /// The router with every route, limit and fallback.

@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod election;
 pub mod fairness;
 pub mod metrics;
+pub mod starts;
 pub mod timers;
 
 use std::net::SocketAddr;
@@ -65,6 +66,7 @@ impl Master {
             leader: leader_rx.clone(),
             ready,
             registry: registry.clone(),
+            starts: starts::StartCommitter::spawn(store.clone()),
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {

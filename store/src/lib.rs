@@ -31,7 +31,7 @@ pub use tenancy::{
 pub use tenants::{Tenant, TenantWithKey};
 pub use workflow::{
     CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, START_BATCH_LEN_MAX, SignalOutcome,
-    Started,
+    StartItem, Started,
 };
 
 /// The channel a transaction notifies when it makes a task ready.
@@ -62,13 +62,16 @@ pub enum Error {
     Db(#[from] tokio_postgres::Error),
     #[error("migration: {0}")]
     Migration(#[from] refinery::Error),
+    /// The process is stopping: its group commits take no more work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl Error {
     /// True when the database could not be reached or answered with a
     /// server-side fault: the request may be retried.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Pool(_) | Error::Db(_))
+        matches!(self, Error::Pool(_) | Error::Db(_) | Error::Unavailable(_))
     }
 }
 
@@ -175,9 +178,13 @@ impl Store {
         // hot statements every time, inlining the row-security functions
         // again: most of Postgres's CPU under load. Statements whose best
         // plan depends on their parameters, the filtered list, ask for a
-        // custom plan themselves.)
+        // custom plan themselves.) No JIT: its compile time (hundreds of
+        // ms) dwarfs any statement of this workload; with a large backlog
+        // the dispatch claim's estimated cost crossed `jit_above_cost` and
+        // every claim paid ~200 ms of compilation for 3 ms of work.
         let mut session = format!(
-            "SET idle_in_transaction_session_timeout = {TX_IDLE_MS_MAX}; SET plan_cache_mode = force_generic_plan;"
+            "SET idle_in_transaction_session_timeout = {TX_IDLE_MS_MAX}; SET plan_cache_mode = force_generic_plan; \
+             SET jit = off;"
         );
         if !settings.app_role.is_empty() {
             session.push_str(&format!(" SET ROLE {};", quote_ident(&settings.app_role)));

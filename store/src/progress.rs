@@ -222,10 +222,32 @@ pub(crate) fn advance<'a>(
     instance: &'a Locked,
     notify_parent: bool,
 ) -> BoxFuture<'a, Result<String, Error>> {
+    advance_from(transaction, instance, notify_parent, None)
+}
+
+/// `advance` for an instance created in this transaction: it has no runs
+/// yet, so the first round plans without reading them.
+pub(crate) fn advance_new<'a>(
+    transaction: &'a Transaction<'_>,
+    instance: &'a Locked,
+    notify_parent: bool,
+) -> BoxFuture<'a, Result<String, Error>> {
+    advance_from(transaction, instance, notify_parent, Some(Vec::new()))
+}
+
+fn advance_from<'a>(
+    transaction: &'a Transaction<'_>,
+    instance: &'a Locked,
+    notify_parent: bool,
+    mut known_runs: Option<Vec<Run>>,
+) -> BoxFuture<'a, Result<String, Error>> {
     Box::pin(async move {
         let rounds_max = instance.definition.steps.len() * 2 + 2;
         for _ in 0..rounds_max {
-            let runs = load_runs(transaction, instance).await?;
+            let runs = match known_runs.take() {
+                Some(runs) => runs,
+                None => load_runs(transaction, instance).await?,
+            };
             let plan = engine::plan(
                 &instance.definition,
                 &instance.input,
@@ -464,7 +486,7 @@ async fn insert_start(
                     &[&child.id, &run.id],
                 )
                 .await?;
-            let child_status = advance(transaction, &child, false).await?;
+            let child_status = advance_new(transaction, &child, false).await?;
             match child_status.as_str() {
                 status::RUNNING => Ok((false, false)),
                 status::COMPLETED => {

@@ -31,6 +31,14 @@ pub struct Published {
     pub created: bool,
 }
 
+/// One start of a group commit (`Store::start_instances_of`).
+#[derive(Debug, Clone)]
+pub struct StartItem {
+    pub tenant: Tenant,
+    pub request: StartInstance,
+    pub idempotency_key: Option<String>,
+}
+
 /// A started (or found) instance.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -214,6 +222,44 @@ impl Store {
         }
         transaction.commit().await?;
         Ok(started)
+    }
+
+    /// Group commit of single starts (the API's `POST /v1/instances` under
+    /// load): starts of any tenants in ONE transaction scoped to those
+    /// tenants, one answer per item. An item naming an unknown definition
+    /// gets its own `DefinitionNotFound` and the others still start; any
+    /// other error writes nothing (the caller starts the items one by one).
+    pub async fn start_instances_of(
+        &self,
+        items: &[StartItem],
+    ) -> Result<Vec<Result<Started, Error>>, Error> {
+        let mut tenants: Vec<Uuid> = items.iter().map(|item| item.tenant.id).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut client = self.pool.get().await?;
+        let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
+        let mut answers = Vec::with_capacity(items.len());
+        for item in items {
+            let resolved = match resolve_definition(&transaction, &item.tenant, &item.request).await
+            {
+                Ok(resolved) => resolved,
+                Err(error @ Error::DefinitionNotFound { .. }) => {
+                    answers.push(Err(error));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            answers.push(Ok(start_resolved(
+                &transaction,
+                &item.tenant,
+                &item.request,
+                item.idempotency_key.as_deref(),
+                resolved,
+            )
+            .await?));
+        }
+        transaction.commit().await?;
+        Ok(answers)
     }
 
     /// An instance of `tenant` with its task runs, or `None`.
@@ -661,7 +707,7 @@ async fn start_resolved(
         parent: None,
         depth: 0,
     };
-    let instance_status = progress::advance(transaction, &locked, true).await?;
+    let instance_status = progress::advance_new(transaction, &locked, true).await?;
     Ok(Started {
         id: instance_id,
         definition: locked.definition.name.clone(),

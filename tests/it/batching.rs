@@ -341,3 +341,64 @@ async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
     );
     sandbox.teardown().await;
 }
+
+#[tokio::test]
+async fn concurrent_single_starts_share_transactions_and_each_gets_its_answer() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    sandbox.start_worker(Registry::builtin()).await;
+    let url = sandbox.url(master);
+    let mut keys = Vec::new();
+    for slug in ["east-ward", "west-ward"] {
+        let key = sandbox.tenant(&url, slug, "gold").await;
+        sandbox
+            .publish(&url, &key, &sequential("triage", &["noop"]))
+            .await;
+        keys.push(key);
+    }
+    // 60 starts at once over two tenants; every fifth names a definition
+    // that does not exist, every seventh repeats an idempotency key.
+    let answers = futures::future::join_all((0..60).map(|n| {
+        let sandbox = &sandbox;
+        let key = &keys[n % 2];
+        let url = &url;
+        async move {
+            let definition = if n % 5 == 0 { "no-such" } else { "triage" };
+            let body = serde_json::to_vec(&json!({ "definition": definition })).unwrap();
+            let idempotency = format!("start-{}", if n % 7 == 0 { 7 } else { n });
+            let response = sandbox
+                .http
+                .post(format!("{url}/v1/instances"))
+                .bearer_auth(key)
+                .header("idempotency-key", idempotency)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (n, status, response.json::<Value>().await.unwrap())
+        }
+    }))
+    .await;
+    let mut created = 0;
+    for (n, status, body) in &answers {
+        if n % 5 == 0 {
+            assert_eq!(*status, 404, "{n}: {body}");
+            assert_eq!(body["error"]["field"], "definition", "{body}");
+        } else {
+            assert!([200, 201].contains(status), "{n}: {status} {body}");
+            if *status == 201 {
+                created += 1;
+            }
+        }
+    }
+    // Per tenant, the starts keyed `start-7` (n = 7, 21, 49 on one tenant,
+    // n = 14, 28, 42, 56 on the other) made one instance each.
+    let stored = instance_count(&sandbox).await;
+    assert_eq!(stored, created);
+    let expected = (0..60).filter(|n| n % 5 != 0 && n % 7 != 0).count() as i64 + 2;
+    assert_eq!(stored, expected);
+    wait_completed(&sandbox, "triage", expected, Duration::from_secs(60)).await;
+    sandbox.teardown().await;
+}

@@ -100,8 +100,12 @@ pub async fn start(
             .with_label_values(&["start_instance"])
             .start_timer();
         let started = state
-            .store
-            .start_instance(&tenant, &request, idempotency_key)
+            .starts
+            .submit(ward_store::StartItem {
+                tenant: tenant.clone(),
+                request: request.clone(),
+                idempotency_key: idempotency_key.map(str::to_owned),
+            })
             .await
             .map_err(ApiError::store)?;
         timer.observe_duration();
