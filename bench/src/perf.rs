@@ -240,6 +240,10 @@ async fn sustained(
     }))
 }
 
+/// Scenario 3's batching tick: instances intended within one tick are
+/// submitted together at its end.
+const LATENCY_TICK_MS: u64 = 10;
+
 /// Scenario 3: open-loop sends at `rate_per_s` for the window; latency from
 /// each send's intended time (no coordinated omission).
 async fn latency_at(
@@ -252,34 +256,55 @@ async fn latency_at(
     let started_wall = Utc::now();
     let count = (rate_per_s * window_s as f64).round() as usize;
     let interval = 1.0 / rate_per_s.max(0.1);
-    let limit = Arc::new(tokio::sync::Semaphore::new(2_048));
-    let mut handles = Vec::with_capacity(count);
+    // Open loop, as scenario 1 submits: the instances whose intended send
+    // time falls in one tick go out together as one batch start at the
+    // tick's end (one tenant per tick, in turn). The wait for the tick is
+    // part of every latency measured, which counts from the intended time.
+    let tick = Duration::from_millis(LATENCY_TICK_MS);
+    let mut per_tick: Vec<Vec<DateTime<Utc>>> = Vec::new();
     for n in 0..count {
         let offset = Duration::from_secs_f64(n as f64 * interval);
+        let k = (offset.as_millis() / u128::from(LATENCY_TICK_MS)) as usize;
+        if per_tick.len() <= k {
+            per_tick.resize(k + 1, Vec::new());
+        }
+        per_tick[k].push(started_wall + chrono::Duration::from_std(offset).unwrap_or_default());
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(2_048));
+    let mut handles = Vec::with_capacity(per_tick.len());
+    for (k, intended) in per_tick.into_iter().enumerate() {
+        if intended.is_empty() {
+            continue;
+        }
         let http = cluster.http.clone();
-        let url = format!("{}/v1/instances", cluster.url);
-        let key = keys[n % keys.len()].clone();
+        let url = format!("{}/v1/instances/batch", cluster.url);
+        let key = keys[k % keys.len()].clone();
         let limit = limit.clone();
+        let send_at = started + tick * (k as u32 + 1);
         handles.push(tokio::spawn(async move {
-            tokio::time::sleep_until((started + offset).into()).await;
-            let intended = started_wall + chrono::Duration::from_std(offset).unwrap_or_default();
+            tokio::time::sleep_until(send_at.into()).await;
             let _permit = limit.acquire().await.ok()?;
+            let items = vec![json!({ "definition": "perf-noop", "input": {} }); intended.len()];
             let response = http
                 .post(url)
                 .bearer_auth(key)
-                .json(&json!({ "definition": "perf-noop", "input": {} }))
+                .json(&json!({ "instances": items }))
                 .send()
                 .await
                 .ok()?;
             let body: Value = response.json().await.ok()?;
-            let id = uuid::Uuid::parse_str(body["id"].as_str()?).ok()?;
-            Some((id, intended))
+            let started: Vec<uuid::Uuid> = body["instances"]
+                .as_array()?
+                .iter()
+                .filter_map(|item| uuid::Uuid::parse_str(item["id"].as_str()?).ok())
+                .collect();
+            Some(started.into_iter().zip(intended).collect::<Vec<_>>())
         }));
     }
     let mut sent: Vec<(uuid::Uuid, DateTime<Utc>)> = Vec::with_capacity(count);
     for handle in handles {
-        if let Ok(Some(pair)) = handle.await {
-            sent.push(pair);
+        if let Ok(Some(pairs)) = handle.await {
+            sent.extend(pairs);
         }
     }
     let ids: Vec<uuid::Uuid> = sent.iter().map(|(id, _)| *id).collect();
