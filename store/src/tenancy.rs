@@ -295,11 +295,11 @@ impl Store {
         tenant: &Tenant,
         limit: i64,
     ) -> Result<i64, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        // One statement, no transaction (migration V10).
+        let client = self.pool.get().await?;
         let row = client
             .query_one_c(
-                "SELECT count(*) FROM (SELECT 1 FROM instances WHERE tenant_id = $1 AND status = 'running' LIMIT $2) s",
+                "SELECT ward_running_instances($1, $2)",
                 &[&tenant.id, &limit],
             )
             .await?;
