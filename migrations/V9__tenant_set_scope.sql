@@ -21,10 +21,6 @@ CREATE FUNCTION ward_scope_tenants() RETURNS uuid[] LANGUAGE sql STABLE AS $$
         NULL)
 $$;
 
-CREATE OR REPLACE FUNCTION ward_visible(row_tenant uuid) RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT ward_scope_system() OR row_tenant = ANY (ward_scope_tenants())
-$$;
-
 DO $$
 DECLARE
     target record;
@@ -43,6 +39,9 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The V3 per-row check is no longer used by any policy.
+DROP FUNCTION ward_visible(uuid);
 
 -- Every task-run insert checked its tenant with a KEY SHARE lock on the
 -- tenant's row: all the inserts of a busy tenant share that row lock, which

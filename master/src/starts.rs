@@ -69,40 +69,39 @@ impl StartCommitter {
 async fn commit_loop(store: Store, mut receiver: mpsc::Receiver<Pending>) {
     let mut batch = Vec::with_capacity(START_BATCH_LEN_MAX);
     while receiver.recv_many(&mut batch, START_BATCH_LEN_MAX).await > 0 {
-        let pending: Vec<Pending> = std::mem::take(&mut batch);
-        if let [_] = pending.as_slice() {
-            for one in pending {
-                let answer = store
-                    .start_instance(
-                        &one.item.tenant,
-                        &one.item.request,
-                        one.item.idempotency_key.as_deref(),
-                    )
-                    .await;
-                let _ = one.answer.send(answer);
-            }
+        let (items, answers): (Vec<StartItem>, Vec<_>) = batch
+            .drain(..)
+            .map(|pending| (pending.item, pending.answer))
+            .unzip();
+        if items.len() == 1 {
+            start_alone(&store, &items, answers).await;
             continue;
         }
-        let items: Vec<StartItem> = pending.iter().map(|one| one.item.clone()).collect();
         match store.start_instances_of(&items).await {
-            Ok(answers) => {
-                for (one, answer) in pending.into_iter().zip(answers) {
-                    let _ = one.answer.send(answer);
+            Ok(started) => {
+                for (answer, started) in answers.into_iter().zip(started) {
+                    let _ = answer.send(started);
                 }
             }
             Err(error) => {
                 tracing::debug!(%error, len = items.len(), "group start failed; starting one by one");
-                for one in pending {
-                    let answer = store
-                        .start_instance(
-                            &one.item.tenant,
-                            &one.item.request,
-                            one.item.idempotency_key.as_deref(),
-                        )
-                        .await;
-                    let _ = one.answer.send(answer);
-                }
+                start_alone(&store, &items, answers).await;
             }
         }
+    }
+}
+
+/// Starts each item in its own transaction (one waiting start, or a group
+/// whose transaction failed: the item at fault then fails alone).
+async fn start_alone(
+    store: &Store,
+    items: &[StartItem],
+    answers: Vec<oneshot::Sender<Result<Started, ward_store::Error>>>,
+) {
+    for (item, answer) in items.iter().zip(answers) {
+        let started = store
+            .start_instance(&item.tenant, &item.request, item.idempotency_key.as_deref())
+            .await;
+        let _ = answer.send(started);
     }
 }

@@ -42,24 +42,33 @@ pub struct TaskResult {
     pub started_at: DateTime<Utc>,
 }
 
+/// Settles the dispatched (or not yet marked) run of a worker's result.
+async fn settle_result(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    result: &TaskResult,
+) -> Result<Completion, Error> {
+    progress::settle(
+        transaction,
+        result.tenant_id,
+        result.instance_id,
+        result.task_run_id,
+        &[RunState::Ready, RunState::Dispatched],
+        None,
+        result.settlement.clone(),
+        Some(result.started_at),
+    )
+    .await
+}
+
 impl Store {
     /// Records a worker's result for a dispatched run and applies what
-    /// follows, in ONE transaction (waiting for the instance's row lock). Safe to call again with the same message,
-    /// including after a COMMIT whose result is unknown: it answers `Duplicate`.
+    /// follows, in ONE transaction (waiting for the instance's row lock).
+    /// Safe to call again with the same result, including after a COMMIT
+    /// whose outcome is unknown: it answers `Duplicate`.
     pub async fn complete_task(&self, result: &TaskResult) -> Result<Completion, Error> {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(result.tenant_id)).await?;
-        let completion = progress::settle(
-            &transaction,
-            result.tenant_id,
-            result.instance_id,
-            result.task_run_id,
-            &[RunState::Ready, RunState::Dispatched],
-            None,
-            result.settlement.clone(),
-            Some(result.started_at),
-        )
-        .await?;
+        let completion = settle_result(&transaction, result).await?;
         if matches!(completion, Completion::Applied { .. }) {
             transaction.commit().await?;
         }
@@ -102,17 +111,7 @@ impl Store {
                 completions.push(None);
                 continue;
             }
-            let completion = progress::settle(
-                &transaction,
-                result.tenant_id,
-                result.instance_id,
-                result.task_run_id,
-                &[RunState::Ready, RunState::Dispatched],
-                None,
-                result.settlement.clone(),
-                Some(result.started_at),
-            )
-            .await?;
+            let completion = settle_result(&transaction, result).await?;
             applied |= matches!(completion, Completion::Applied { .. });
             completions.push(Some(completion));
         }

@@ -183,45 +183,11 @@ impl Store {
                 message: format!("at most {START_BATCH_LEN_MAX} instances per batch"),
             });
         }
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
-        let mut definitions: std::collections::HashMap<(String, Option<i32>), Resolved> =
-            std::collections::HashMap::new();
-        let mut started = Vec::with_capacity(requests.len());
-        for (request, idempotency_key) in requests {
-            let key = (request.definition.clone(), request.version);
-            let resolved = match definitions.get(&key) {
-                Some(resolved) => Resolved {
-                    id: resolved.id,
-                    version: resolved.version,
-                    definition: resolved.definition.clone(),
-                },
-                None => {
-                    let resolved = resolve_definition(&transaction, tenant, request).await?;
-                    definitions.insert(
-                        key,
-                        Resolved {
-                            id: resolved.id,
-                            version: resolved.version,
-                            definition: resolved.definition.clone(),
-                        },
-                    );
-                    resolved
-                }
-            };
-            started.push(
-                start_resolved(
-                    &transaction,
-                    tenant,
-                    request,
-                    idempotency_key.as_deref(),
-                    resolved,
-                )
-                .await?,
-            );
-        }
-        transaction.commit().await?;
-        Ok(started)
+        let items: Vec<(&Tenant, &StartInstance, Option<&str>)> = requests
+            .iter()
+            .map(|(request, key)| (tenant, request, key.as_deref()))
+            .collect();
+        self.start_many(&items, true).await?.into_iter().collect()
     }
 
     /// Group commit of single starts (the API's `POST /v1/instances` under
@@ -233,27 +199,50 @@ impl Store {
         &self,
         items: &[StartItem],
     ) -> Result<Vec<Result<Started, Error>>, Error> {
-        let mut tenants: Vec<Uuid> = items.iter().map(|item| item.tenant.id).collect();
+        let items: Vec<(&Tenant, &StartInstance, Option<&str>)> = items
+            .iter()
+            .map(|item| (&item.tenant, &item.request, item.idempotency_key.as_deref()))
+            .collect();
+        self.start_many(&items, false).await
+    }
+
+    /// Starts `items` in one transaction scoped to their tenants, resolving
+    /// each (tenant, definition, version) once. An unknown definition fails
+    /// the whole transaction when `all_or_none`, else only its item.
+    async fn start_many(
+        &self,
+        items: &[(&Tenant, &StartInstance, Option<&str>)],
+        all_or_none: bool,
+    ) -> Result<Vec<Result<Started, Error>>, Error> {
+        let mut tenants: Vec<Uuid> = items.iter().map(|(tenant, _, _)| tenant.id).collect();
         tenants.sort_unstable();
         tenants.dedup();
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
+        let mut definitions: std::collections::HashMap<(Uuid, &str, Option<i32>), Resolved> =
+            std::collections::HashMap::new();
         let mut answers = Vec::with_capacity(items.len());
-        for item in items {
-            let resolved = match resolve_definition(&transaction, &item.tenant, &item.request).await
-            {
-                Ok(resolved) => resolved,
-                Err(error @ Error::DefinitionNotFound { .. }) => {
-                    answers.push(Err(error));
-                    continue;
-                }
-                Err(error) => return Err(error),
+        for (tenant, request, idempotency_key) in items {
+            let key = (tenant.id, request.definition.as_str(), request.version);
+            let resolved = match definitions.get(&key) {
+                Some(resolved) => resolved.clone(),
+                None => match resolve_definition(&transaction, tenant, request).await {
+                    Ok(resolved) => {
+                        definitions.insert(key, resolved.clone());
+                        resolved
+                    }
+                    Err(error @ Error::DefinitionNotFound { .. }) if !all_or_none => {
+                        answers.push(Err(error));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
             };
             answers.push(Ok(start_resolved(
                 &transaction,
-                &item.tenant,
-                &item.request,
-                item.idempotency_key.as_deref(),
+                tenant,
+                request,
+                *idempotency_key,
                 resolved,
             )
             .await?));
@@ -598,6 +587,7 @@ impl Store {
 
 /// Starts an instance inside `transaction` (see [`Store::start_instance`]).
 /// A definition version resolved for starting instances.
+#[derive(Clone)]
 struct Resolved {
     id: Uuid,
     version: i32,

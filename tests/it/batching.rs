@@ -148,15 +148,7 @@ async fn a_batch_start_runs_every_instance_and_a_bad_item_starts_none() {
 #[tokio::test]
 async fn group_commit_answers_each_result_and_skips_busy_instances() {
     let sandbox = Sandbox::new().await;
-    let settings = ward_store::Settings {
-        url: crate::sandbox::database_url(),
-        schema: sandbox.schema(),
-        pool_size_max: 4,
-        pool_wait_ms: 5_000,
-        app_role: ward_store::APP_ROLE_DEFAULT.into(),
-    };
-    ward_store::migrate(&settings).await.unwrap();
-    let store = ward_store::Store::connect(&settings).unwrap();
+    let store = sandbox.store().await;
     let definition = ward_shared::Definition::from_json(
         serde_json::to_string(&sequential("round", &["echo"]))
             .unwrap()
@@ -315,15 +307,7 @@ async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
         .get(0);
     assert_eq!(runs, 20 * 12, "every step ran once");
 
-    let metrics = sandbox
-        .http
-        .get(format!("http://{worker_addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sandbox.metrics(&format!("http://{worker_addr}")).await;
     let value = |series: &str| -> f64 {
         metrics
             .lines()

@@ -157,15 +157,7 @@ async fn standby_master_takes_over_after_kill_and_sigterm() {
 #[tokio::test]
 async fn a_stale_epoch_can_write_nothing() {
     let sandbox = Sandbox::new().await;
-    let settings = ward_store::Settings {
-        url: crate::sandbox::database_url(),
-        schema: sandbox.schema(),
-        pool_size_max: 4,
-        pool_wait_ms: 5_000,
-        app_role: ward_store::APP_ROLE_DEFAULT.into(),
-    };
-    ward_store::migrate(&settings).await.unwrap();
-    let store = ward_store::Store::connect(&settings).unwrap();
+    let store = sandbox.store().await;
     let tenant = store
         .create_tenant("fenced", "gold", ward_store::Quotas::default())
         .await

@@ -333,6 +333,20 @@ impl Sandbox {
     }
 
     /// The Prometheus text of a master's or worker's `/metrics`.
+    /// A store on this sandbox's schema (migrated), as the application
+    /// role uses it: for tests that drive `ward_store` directly.
+    pub async fn store(&self) -> ward_store::Store {
+        let settings = ward_store::Settings {
+            url: database_url(),
+            schema: self.schema(),
+            pool_size_max: 4,
+            pool_wait_ms: 5_000,
+            app_role: ward_store::APP_ROLE_DEFAULT.into(),
+        };
+        ward_store::migrate(&settings).await.unwrap();
+        ward_store::Store::connect(&settings).unwrap()
+    }
+
     pub async fn metrics(&self, base_url: &str) -> String {
         self.http
             .get(format!("{base_url}/metrics"))

@@ -110,41 +110,57 @@ async fn commit_loop(
             }
         }
         metrics.commit_batch_len.observe(batch.len() as f64);
-        if let [_] = batch.as_slice() {
-            for pending in batch {
-                let answer = store.complete_task(&pending.result).await;
-                let _ = pending.answer.send(answer.map_err(CommitError::from));
-            }
+        let (results, waiters): (Vec<TaskResult>, Vec<_>) = batch
+            .into_iter()
+            .map(|pending| (pending.result, (pending.answer, pending.deferrals)))
+            .unzip();
+        if results.len() == 1 {
+            commit_alone(&store, results, waiters).await;
             continue;
         }
-        let results: Vec<TaskResult> = batch.iter().map(|pending| pending.result.clone()).collect();
         match store.complete_tasks(&results).await {
             Ok(completions) => {
-                for (mut pending, completion) in batch.into_iter().zip(completions) {
+                let mut alone = (Vec::new(), Vec::new());
+                for ((result, (answer, deferrals)), completion) in
+                    results.into_iter().zip(waiters).zip(completions)
+                {
                     match completion {
                         Some(completion) => {
-                            let _ = pending.answer.send(Ok(completion));
+                            let _ = answer.send(Ok(completion));
                         }
-                        None if pending.deferrals + 1 < DEFERRALS_MAX => {
-                            pending.deferrals += 1;
-                            carried.push(pending);
-                        }
+                        None if deferrals + 1 < DEFERRALS_MAX => carried.push(Pending {
+                            result,
+                            answer,
+                            deferrals: deferrals + 1,
+                        }),
                         None => {
-                            let answer = store.complete_task(&pending.result).await;
-                            let _ = pending.answer.send(answer.map_err(CommitError::from));
+                            alone.0.push(result);
+                            alone.1.push((answer, deferrals));
                         }
                     }
                 }
+                commit_alone(&store, alone.0, alone.1).await;
             }
             Err(error) => {
                 // Nothing of the batch was written: commit each on its own,
                 // so one result at fault fails alone.
                 tracing::debug!(%error, len = results.len(), "group commit failed; committing one by one");
-                for pending in batch {
-                    let answer = store.complete_task(&pending.result).await;
-                    let _ = pending.answer.send(answer.map_err(CommitError::from));
-                }
+                commit_alone(&store, results, waiters).await;
             }
         }
+    }
+}
+
+/// Commits each result in its own transaction, waiting for its instance's
+/// lock (one waiting result, a result skipped too often, or a group whose
+/// transaction failed).
+async fn commit_alone(
+    store: &Store,
+    results: Vec<TaskResult>,
+    waiters: Vec<(oneshot::Sender<Result<Completion, CommitError>>, u32)>,
+) {
+    for (result, (answer, _)) in results.iter().zip(waiters) {
+        let completion = store.complete_task(result).await;
+        let _ = answer.send(completion.map_err(CommitError::from));
     }
 }

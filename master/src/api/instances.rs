@@ -21,6 +21,31 @@ const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
 /// Default page size of `GET /v1/instances`.
 const LIST_LIMIT_DEFAULT: i64 = 50;
 
+/// 403 for a suspended tenant: it starts nothing until it is resumed.
+fn refuse_if_suspended(tenant: &ward_store::Tenant) -> Result<(), ApiError> {
+    if tenant.is_suspended() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "tenant_suspended",
+            format!(
+                "tenant `{}` is suspended: no new instances until it is resumed",
+                tenant.slug
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// W3C Trace Context: a valid `traceparent` header continues the caller's
+/// trace; an invalid or missing one starts a new trace (the store's).
+fn trace_parent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| ward_shared::trace::TraceParent::parse(value).is_some())
+        .map(str::to_owned)
+}
+
 pub async fn start(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
@@ -28,13 +53,7 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        if tenant.is_suspended() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "tenant_suspended",
-                format!("tenant `{}` is suspended: no new instances until it is resumed", tenant.slug),
-            ));
-        }
+        refuse_if_suspended(&tenant)?;
         if let Ok(bytes) = &body {
             if bytes.len() > usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX) {
                 return Err(ApiError::new(
@@ -73,13 +92,7 @@ pub async fn start(
             }
         };
         let mut request: StartInstance = parse_json(body)?;
-        // W3C Trace Context: a valid `traceparent` continues the caller's
-        // trace; an invalid or missing one starts a new trace (the store's).
-        request.trace_parent = headers
-            .get("traceparent")
-            .and_then(|value| value.to_str().ok())
-            .filter(|value| ward_shared::trace::TraceParent::parse(value).is_some())
-            .map(str::to_owned);
+        request.trace_parent = trace_parent(&headers);
         if request.definition.is_empty() {
             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "a definition name is needed")
                 .field("definition"));
@@ -99,11 +112,12 @@ pub async fn start(
             .store_transaction_seconds
             .with_label_values(&["start_instance"])
             .start_timer();
+        let tenant_id = tenant.id;
         let started = state
             .starts
             .submit(ward_store::StartItem {
-                tenant: tenant.clone(),
-                request: request.clone(),
+                tenant,
+                request,
                 idempotency_key: idempotency_key.map(str::to_owned),
             })
             .await
@@ -112,7 +126,7 @@ pub async fn start(
         if started.created {
             state.metrics.instances_started_total.inc();
         }
-        tracing::debug!(tenant_id = %tenant.id, instance_id = %started.id, created = started.created, traceparent = ?request.trace_parent, "instance start");
+        tracing::debug!(%tenant_id, instance_id = %started.id, created = started.created, "instance start");
         let code = if started.created { StatusCode::CREATED } else { StatusCode::OK };
         Ok((
             code,
@@ -142,13 +156,7 @@ pub async fn start_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        if tenant.is_suspended() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "tenant_suspended",
-                format!("tenant `{}` is suspended: no new instances until it is resumed", tenant.slug),
-            ));
-        }
+        refuse_if_suspended(&tenant)?;
         let batch: StartBatch = parse_json(body)?;
         if batch.instances.is_empty() || batch.instances.len() > START_BATCH_LEN_MAX {
             return Err(ApiError::new(
@@ -158,11 +166,7 @@ pub async fn start_batch(
             )
             .field("instances"));
         }
-        let trace_parent = headers
-            .get("traceparent")
-            .and_then(|value| value.to_str().ok())
-            .filter(|value| ward_shared::trace::TraceParent::parse(value).is_some())
-            .map(str::to_owned);
+        let trace_parent = trace_parent(&headers);
         let payload_bytes_max = usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX);
         let mut requests = Vec::with_capacity(batch.instances.len());
         for (index, item) in batch.instances.into_iter().enumerate() {
