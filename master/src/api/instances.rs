@@ -46,6 +46,41 @@ fn trace_parent(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// 429 when starting `asked` more instances would pass the tenant's
+/// `running_instances_max` (counted up to the quota, one statement).
+async fn check_running_quota(
+    state: &AppState,
+    tenant: &ward_store::Tenant,
+    asked: usize,
+) -> Result<(), ApiError> {
+    let running_max = i64::from(tenant.quotas.running_instances_max);
+    let running = state
+        .store
+        .running_instances_at_most(tenant, running_max)
+        .await
+        .map_err(ApiError::store)?;
+    let asked = i64::try_from(asked).unwrap_or(i64::MAX);
+    if running.saturating_add(asked) <= running_max {
+        return Ok(());
+    }
+    state
+        .metrics
+        .tenant_throttled_total
+        .with_label_values(&["running_instances"])
+        .inc();
+    let message = if asked == 1 {
+        format!("{running} instances are running: the quota is {running_max}")
+    } else {
+        format!(
+            "{running} instances are running and {asked} more were asked: the quota is {running_max}"
+        )
+    };
+    Err(
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+            .field("running_instances_max"),
+    )
+}
+
 pub async fn start(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
@@ -63,20 +98,7 @@ pub async fn start(
                 ));
             }
         }
-        let running = state
-            .store
-            .running_instances_at_most(&tenant, i64::from(tenant.quotas.running_instances_max))
-            .await
-            .map_err(ApiError::store)?;
-        if running >= i64::from(tenant.quotas.running_instances_max) {
-            state.metrics.tenant_throttled_total.with_label_values(&["running_instances"]).inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                format!("{running} instances are running: the quota is {}", tenant.quotas.running_instances_max),
-            )
-            .field("running_instances_max"));
-        }
+        check_running_quota(&state, &tenant, 1).await?;
         let idempotency_key = match headers.get("idempotency-key") {
             None => None,
             Some(value) => {
@@ -167,16 +189,27 @@ pub async fn start_batch(
             .field("instances"));
         }
         let trace_parent = trace_parent(&headers);
-        let payload_bytes_max = usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX);
+        let payload_bytes_max =
+            usize::try_from(tenant.quotas.payload_bytes_max).unwrap_or(usize::MAX);
         let mut requests = Vec::with_capacity(batch.instances.len());
         for (index, item) in batch.instances.into_iter().enumerate() {
             let at = |field: &str| format!("instances[{index}].{field}");
             if item.definition.is_empty() {
-                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "a definition name is needed")
-                    .field(at("definition")));
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    "a definition name is needed",
+                )
+                .field(at("definition")));
             }
-            for (field, key) in [("business_key", &item.business_key), ("idempotency_key", &item.idempotency_key)] {
-                if key.as_ref().is_some_and(|key| key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX) {
+            for (field, key) in [
+                ("business_key", &item.business_key),
+                ("idempotency_key", &item.idempotency_key),
+            ] {
+                if key
+                    .as_ref()
+                    .is_some_and(|key| key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX)
+                {
                     return Err(ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         "invalid_field",
@@ -204,39 +237,28 @@ pub async fn start_batch(
                 item.idempotency_key,
             ));
         }
-        let running_max = i64::from(tenant.quotas.running_instances_max);
-        let running = state
-            .store
-            .running_instances_at_most(&tenant, running_max)
-            .await
-            .map_err(ApiError::store)?;
-        let asked = i64::try_from(requests.len()).unwrap_or(i64::MAX);
-        if running.saturating_add(asked) > running_max {
-            state.metrics.tenant_throttled_total.with_label_values(&["running_instances"]).inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                format!("{running} instances are running and {asked} more were asked: the quota is {running_max}"),
-            )
-            .field("running_instances_max"));
-        }
+        check_running_quota(&state, &tenant, requests.len()).await?;
         let timer = state
             .metrics
             .store_transaction_seconds
             .with_label_values(&["start_instances"])
             .start_timer();
-        let started = state.store.start_instances(&tenant, &requests).await.map_err(|error| {
-            // Name the first item that asked for the missing definition.
-            if let ward_store::Error::DefinitionNotFound { name, version } = &error {
-                if let Some(index) = requests
-                    .iter()
-                    .position(|(request, _)| &request.definition == name && &request.version == version)
-                {
-                    return ApiError::store(error).field(format!("instances[{index}].definition"));
+        let started = state
+            .store
+            .start_instances(&tenant, &requests)
+            .await
+            .map_err(|error| {
+                // Name the first item that asked for the missing definition.
+                if let ward_store::Error::DefinitionNotFound { name, version } = &error {
+                    if let Some(index) = requests.iter().position(|(request, _)| {
+                        &request.definition == name && &request.version == version
+                    }) {
+                        return ApiError::store(error)
+                            .field(format!("instances[{index}].definition"));
+                    }
                 }
-            }
-            ApiError::store(error)
-        })?;
+                ApiError::store(error)
+            })?;
         timer.observe_duration();
         let created = started.iter().filter(|started| started.created).count();
         state.metrics.instances_started_total.inc_by(created as u64);
