@@ -5,6 +5,7 @@
 
 mod dead_letters;
 mod dispatch;
+mod grouped;
 mod listen;
 mod progress;
 mod runs;

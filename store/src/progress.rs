@@ -41,6 +41,19 @@ pub enum Settlement {
     TimedOut(String),
 }
 
+impl Settlement {
+    /// The run's new state, output, error and retryable flag.
+    pub(crate) fn columns(&self) -> (RunState, Option<&Value>, Option<&str>, bool) {
+        match self {
+            Settlement::Succeeded(output) => (RunState::Completed, Some(output), None, false),
+            Settlement::Failed { error, retryable } => {
+                (RunState::Failed, None, Some(error.as_str()), *retryable)
+            }
+            Settlement::TimedOut(error) => (RunState::TimedOut, None, Some(error.as_str()), false),
+        }
+    }
+}
+
 /// An instance row, locked.
 #[derive(Debug, Clone)]
 pub(crate) struct Locked {
@@ -112,7 +125,7 @@ pub(crate) async fn lock_instance(
     locked_from_row(transaction, tenant_id, instance_id, &row).await
 }
 
-async fn locked_from_row(
+pub(crate) async fn locked_from_row(
     transaction: &Transaction<'_>,
     tenant_id: Uuid,
     instance_id: Uuid,
@@ -147,13 +160,7 @@ pub(crate) fn settle<'a>(
     started_at: Option<DateTime<Utc>>,
 ) -> BoxFuture<'a, Result<Completion, Error>> {
     Box::pin(async move {
-        let (state, output, error, retryable) = match &settlement {
-            Settlement::Succeeded(output) => (RunState::Completed, Some(output), None, false),
-            Settlement::Failed { error, retryable } => {
-                (RunState::Failed, None, Some(error.as_str()), *retryable)
-            }
-            Settlement::TimedOut(error) => (RunState::TimedOut, None, Some(error.as_str()), false),
-        };
+        let (state, output, error, retryable) = settlement.columns();
         let expected: Vec<&str> = expected.iter().map(|state| state.as_str()).collect();
         // One round trip: lock the instance, then (only if it exists) record
         // the result on the run; lock order instance, then run.
@@ -235,6 +242,21 @@ pub(crate) fn advance_new<'a>(
     advance_from(transaction, instance, notify_parent, Some(Vec::new()))
 }
 
+/// `advance` of an instance this transaction already locked, read again
+/// first (this transaction may have changed it since); returns its status.
+pub(crate) async fn advance_again(
+    transaction: &Transaction<'_>,
+    instance: &Locked,
+) -> Result<String, Error> {
+    let Some(instance) = lock_instance(transaction, instance.tenant_id, instance.id).await? else {
+        return Err(Error::Corrupt(format!("instance {} vanished", instance.id)));
+    };
+    if instance.status != status::RUNNING {
+        return Ok(instance.status);
+    }
+    advance(transaction, &instance, true).await
+}
+
 fn advance_from<'a>(
     transaction: &'a Transaction<'_>,
     instance: &'a Locked,
@@ -257,60 +279,19 @@ fn advance_from<'a>(
             if let Some(end) = plan.end {
                 return finish(transaction, instance, end, notify_parent).await;
             }
-            let mut settled_now = false;
-            let mut made_ready = false;
-            // Runs of tasks, HTTP calls and delays are one INSERT each and
-            // settle nothing at once: send them together (pipelined on the
-            // connection), with the wake-up when one is ready now.
-            let plain = plan.starts.iter().all(|start| {
-                start.skipped
-                    || instance
-                        .definition
-                        .step(&start.step_id)
-                        .is_some_and(|step| {
-                            matches!(step.kind, StepKind::Task | StepKind::Http | StepKind::Delay)
-                        })
-            });
-            if plain {
-                let ready_now = plan.starts.iter().any(|start| {
-                    !start.skipped
-                        && start.wait_ms == 0
-                        && instance
-                            .definition
-                            .step(&start.step_id)
-                            .is_some_and(|step| {
-                                matches!(step.kind, StepKind::Task | StepKind::Http)
-                            })
-                });
-                let tenant = instance.tenant_id.to_string();
-                let inserts = futures::future::try_join_all(
-                    plan.starts
-                        .iter()
-                        .map(|start| insert_start(transaction, instance, start)),
-                );
-                let notify = async {
-                    if ready_now {
-                        transaction
-                            .execute_c("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &tenant])
-                            .await?;
-                    }
-                    Ok::<(), Error>(())
-                };
-                futures::future::try_join(inserts, notify).await?;
+            // Runs of tasks, HTTP calls and delays settle nothing at once:
+            // write them with one INSERT (and the wake-up when one is ready).
+            if plain(instance, &plan.starts) {
+                let mut rows = RunRows::default();
+                for start in &plan.starts {
+                    rows.push_start(instance, start)?;
+                }
+                rows.write(transaction).await?;
                 return Ok(status::RUNNING.to_owned());
             }
+            let mut settled_now = false;
             for start in &plan.starts {
-                let (now, ready) = insert_start(transaction, instance, start).await?;
-                settled_now |= now;
-                made_ready |= ready;
-            }
-            if made_ready {
-                transaction
-                    .execute_c(
-                        "SELECT pg_notify($1, $2)",
-                        &[&READY_CHANNEL, &instance.tenant_id.to_string()],
-                    )
-                    .await?;
+                settled_now |= insert_start(transaction, instance, start).await?;
             }
             if !settled_now {
                 return Ok(status::RUNNING.to_owned());
@@ -328,33 +309,218 @@ async fn load_runs(transaction: &Transaction<'_>, instance: &Locked) -> Result<V
             &[&instance.tenant_id, &instance.id],
         )
         .await?;
-    rows.into_iter()
-        .map(|row| {
-            let state: String = row.get(2);
-            Ok(Run {
-                step_id: row.get(0),
-                attempt: row.get(1),
-                state: RunState::parse(&state)
-                    .ok_or_else(|| Error::Corrupt(format!("task run state `{state}`")))?,
-                input: row.get(3),
-                output: row.get(4),
-                error: row.get(5),
-                retryable: row.get(6),
-            })
-        })
-        .collect()
+    rows.iter().map(|row| run_from_row(row, 0)).collect()
 }
 
-/// Inserts the run for `start`. Returns (settled at once, made a run ready).
+/// The columns step_id, attempt, state, input, output, error, retryable of
+/// a task run, starting at column `first`.
+pub(crate) fn run_from_row(row: &tokio_postgres::Row, first: usize) -> Result<Run, Error> {
+    let state: String = row.get(first + 2);
+    Ok(Run {
+        step_id: row.get(first),
+        attempt: row.get(first + 1),
+        state: RunState::parse(&state)
+            .ok_or_else(|| Error::Corrupt(format!("task run state `{state}`")))?,
+        input: row.get(first + 3),
+        output: row.get(first + 4),
+        error: row.get(first + 5),
+        retryable: row.get(first + 6),
+    })
+}
+
+/// True when every start is a task, HTTP call or delay (or skipped): one
+/// INSERT each that settles nothing at once (see [`RunRows`]).
+pub(crate) fn plain(instance: &Locked, starts: &[Start]) -> bool {
+    starts.iter().all(|start| {
+        start.skipped
+            || instance
+                .definition
+                .step(&start.step_id)
+                .is_some_and(|step| {
+                    matches!(step.kind, StepKind::Task | StepKind::Http | StepKind::Delay)
+                })
+    })
+}
+
+/// New task runs of any instances, written with ONE `INSERT ... SELECT FROM
+/// unnest(...)`, plus one wake-up per tenant that has a run ready now.
+#[derive(Default)]
+pub(crate) struct RunRows {
+    id: Vec<Uuid>,
+    tenant_id: Vec<Uuid>,
+    instance_id: Vec<Uuid>,
+    step_id: Vec<String>,
+    kind: Vec<&'static str>,
+    handler: Vec<String>,
+    attempt: Vec<i32>,
+    tier: Vec<String>,
+    state: Vec<&'static str>,
+    idempotency_key: Vec<String>,
+    input: Vec<Value>,
+    external: Vec<bool>,
+    config: Vec<Option<Value>>,
+    wait_ms: Vec<Option<i64>>,
+    ready_tenants: Vec<String>,
+}
+
+impl RunRows {
+    /// Adds the run of a plain start (see [`plain`]).
+    pub(crate) fn push_start(&mut self, instance: &Locked, start: &Start) -> Result<(), Error> {
+        let step = instance.definition.step(&start.step_id).ok_or_else(|| {
+            Error::Corrupt(format!("plan names unknown step `{}`", start.step_id))
+        })?;
+        let run = NewRun {
+            id: Uuid::now_v7(),
+            step_id: &step.id,
+            kind: step.kind,
+            handler: step.handler_name(),
+            attempt: start.attempt,
+            input: &start.input,
+            external: step.external,
+        };
+        if start.skipped {
+            self.push(instance, &run, RunState::Skipped, None, None);
+            return Ok(());
+        }
+        match step.kind {
+            StepKind::Task | StepKind::Http => {
+                let config = json!({
+                    "timeout_ms": step.timeout_ms,
+                    "url": step.url,
+                    "method": step.method.as_deref().unwrap_or("POST"),
+                    "headers": step.headers,
+                });
+                if start.wait_ms > 0 {
+                    self.push(
+                        instance,
+                        &run,
+                        RunState::Waiting,
+                        Some(start.wait_ms),
+                        Some(config),
+                    );
+                } else {
+                    self.push(instance, &run, RunState::Ready, None, Some(config));
+                }
+            }
+            StepKind::Delay => self.push(
+                instance,
+                &run,
+                RunState::Waiting,
+                Some(step.duration_ms.unwrap_or(0)),
+                None,
+            ),
+            other => {
+                return Err(Error::Corrupt(format!(
+                    "step `{}` of kind {} is not a plain start",
+                    step.id,
+                    other.as_str()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn push(
+        &mut self,
+        instance: &Locked,
+        run: &NewRun<'_>,
+        state: RunState,
+        wait_ms: Option<u64>,
+        config: Option<Value>,
+    ) {
+        self.id.push(run.id);
+        self.tenant_id.push(instance.tenant_id);
+        self.instance_id.push(instance.id);
+        self.step_id.push(run.step_id.to_owned());
+        self.kind.push(run.kind.as_str());
+        self.handler.push(run.handler.to_owned());
+        self.attempt.push(run.attempt);
+        self.tier.push(instance.tier.clone());
+        self.state.push(state.as_str());
+        self.idempotency_key
+            .push(idempotency_key(instance.id, run.step_id));
+        self.input.push(run.input.clone());
+        self.external.push(run.external);
+        self.config.push(config);
+        self.wait_ms
+            .push(wait_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)));
+        // External tasks too: the API's long polls listen for them.
+        if state == RunState::Ready {
+            self.ready_tenants.push(instance.tenant_id.to_string());
+        }
+    }
+
+    /// Writes the runs (a run whose idempotency key and attempt exist is
+    /// skipped) and wakes the dispatcher for their tenants, pipelined.
+    pub(crate) async fn write(mut self, transaction: &Transaction<'_>) -> Result<(), Error> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        self.ready_tenants.sort_unstable();
+        self.ready_tenants.dedup();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
+            &self.id,
+            &self.tenant_id,
+            &self.instance_id,
+            &self.step_id,
+            &self.kind,
+            &self.handler,
+            &self.attempt,
+            &self.tier,
+            &self.state,
+            &self.idempotency_key,
+            &self.input,
+            &self.external,
+            &self.config,
+            &self.wait_ms,
+        ];
+        let insert = transaction.execute_c(
+            "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
+             idempotency_key, input, external, config, available_at, finished_at) \
+             SELECT id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
+             input, external, config, \
+             CASE WHEN wait_ms IS NULL THEN NULL ELSE now() + wait_ms * interval '1 millisecond' END, \
+             CASE WHEN state = 'skipped' THEN now() END \
+             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], \
+             $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::bool[], $13::jsonb[], $14::bigint[]) \
+             AS v (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
+             input, external, config, wait_ms) \
+             ON CONFLICT (idempotency_key, attempt) DO NOTHING",
+            &params,
+        );
+        let notify = async {
+            if !self.ready_tenants.is_empty() {
+                transaction
+                    .execute_c(
+                        "SELECT pg_notify($1, tenant) FROM unnest($2::text[]) AS tenant",
+                        &[&READY_CHANNEL, &self.ready_tenants],
+                    )
+                    .await?;
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        futures::future::try_join(insert, notify).await?;
+        Ok(())
+    }
+}
+
+/// Inserts the run for `start` (waking the dispatcher when it is ready).
+/// Returns whether it settled at once.
 async fn insert_start(
     transaction: &Transaction<'_>,
     instance: &Locked,
     start: &Start,
-) -> Result<(bool, bool), Error> {
+) -> Result<bool, Error> {
     let step = instance
         .definition
         .step(&start.step_id)
         .ok_or_else(|| Error::Corrupt(format!("plan names unknown step `{}`", start.step_id)))?;
+    if start.skipped || matches!(step.kind, StepKind::Task | StepKind::Http | StepKind::Delay) {
+        let mut rows = RunRows::default();
+        rows.push_start(instance, start)?;
+        rows.write(transaction).await?;
+        return Ok(false);
+    }
     let run = NewRun {
         id: Uuid::now_v7(),
         step_id: &step.id,
@@ -364,54 +530,7 @@ async fn insert_start(
         input: &start.input,
         external: step.external,
     };
-    if start.skipped {
-        insert_run(transaction, instance, &run, RunState::Skipped, None, None).await?;
-        return Ok((false, false));
-    }
     match step.kind {
-        StepKind::Task | StepKind::Http => {
-            let config = json!({
-                "timeout_ms": step.timeout_ms,
-                "url": step.url,
-                "method": step.method.as_deref().unwrap_or("POST"),
-                "headers": step.headers,
-            });
-            if start.wait_ms > 0 {
-                insert_run(
-                    transaction,
-                    instance,
-                    &run,
-                    RunState::Waiting,
-                    Some(start.wait_ms),
-                    Some(&config),
-                )
-                .await?;
-                Ok((false, false))
-            } else {
-                insert_run(
-                    transaction,
-                    instance,
-                    &run,
-                    RunState::Ready,
-                    None,
-                    Some(&config),
-                )
-                .await?;
-                Ok((false, true))
-            }
-        }
-        StepKind::Delay => {
-            insert_run(
-                transaction,
-                instance,
-                &run,
-                RunState::Waiting,
-                Some(step.duration_ms.unwrap_or(0)),
-                None,
-            )
-            .await?;
-            Ok((false, false))
-        }
         StepKind::WaitSignal => {
             let signal = step.signal.as_deref().unwrap_or_default();
             let buffered = transaction
@@ -421,15 +540,7 @@ async fn insert_start(
                     &[&instance.tenant_id, &instance.id, &signal],
                 )
                 .await?;
-            insert_run(
-                transaction,
-                instance,
-                &run,
-                RunState::Waiting,
-                step.timeout_ms,
-                None,
-            )
-            .await?;
+            insert_run(transaction, instance, &run, step.timeout_ms).await?;
             transaction
                 .execute_c(
                     "UPDATE task_runs SET signal = $1 WHERE id = $2",
@@ -453,16 +564,16 @@ async fn insert_start(
                     None,
                 )
                 .await?;
-                return Ok((true, false));
+                return Ok(true);
             }
-            Ok((false, false))
+            Ok(false)
         }
         StepKind::SubWorkflow => {
-            insert_run(transaction, instance, &run, RunState::Waiting, None, None).await?;
+            insert_run(transaction, instance, &run, None).await?;
             let fail = |error: String| async move {
                 finish_run(transaction, run.id, RunState::Failed, None, Some(&error))
                     .await
-                    .map(|()| (true, false))
+                    .map(|()| true)
             };
             if instance.depth + 1 > DEPTH_MAX {
                 return fail(format!("sub-workflows nest deeper than {DEPTH_MAX}")).await;
@@ -488,7 +599,7 @@ async fn insert_start(
                 .await?;
             let child_status = advance_new(transaction, &child, false).await?;
             match child_status.as_str() {
-                status::RUNNING => Ok((false, false)),
+                status::RUNNING => Ok(false),
                 status::COMPLETED => {
                     let output: Option<Value> = transaction
                         .query_one_c("SELECT output FROM instances WHERE id = $1", &[&child.id])
@@ -502,7 +613,7 @@ async fn insert_start(
                         None,
                     )
                     .await?;
-                    Ok((true, false))
+                    Ok(true)
                 }
                 _ => {
                     let error: Option<String> = transaction
@@ -518,6 +629,7 @@ async fn insert_start(
                 }
             }
         }
+        StepKind::Task | StepKind::Http | StepKind::Delay => Ok(false),
     }
 }
 
@@ -531,44 +643,16 @@ struct NewRun<'a> {
     external: bool,
 }
 
+/// Inserts the waiting run of a signal or sub-workflow step.
 async fn insert_run(
     transaction: &Transaction<'_>,
     instance: &Locked,
     run: &NewRun<'_>,
-    state: RunState,
     wait_ms: Option<u64>,
-    config: Option<&Value>,
 ) -> Result<(), Error> {
-    let wait_ms = wait_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
-    let finished = state == RunState::Skipped;
-    transaction
-        .execute_c(
-            "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
-             idempotency_key, input, external, config, available_at, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-             CASE WHEN $14::bigint IS NULL THEN NULL ELSE now() + $14::bigint * interval '1 millisecond' END, \
-             CASE WHEN $15 THEN now() END) \
-             ON CONFLICT (idempotency_key, attempt) DO NOTHING",
-            &[
-                &run.id,
-                &instance.tenant_id,
-                &instance.id,
-                &run.step_id,
-                &run.kind.as_str(),
-                &run.handler,
-                &run.attempt,
-                &instance.tier,
-                &state.as_str(),
-                &idempotency_key(instance.id, run.step_id),
-                run.input,
-                &run.external,
-                &config,
-                &wait_ms,
-                &finished,
-            ],
-        )
-        .await?;
-    Ok(())
+    let mut rows = RunRows::default();
+    rows.push(instance, run, RunState::Waiting, wait_ms, None);
+    rows.write(transaction).await
 }
 
 async fn finish_run(
@@ -684,12 +768,21 @@ async fn end_instance(
         )
         .await?;
     for child in children {
-        let child_id: Uuid = child.get(0);
-        if let Some(mut child) = lock_instance(transaction, instance.tenant_id, child_id).await? {
-            // The parent is ending: the child must not settle it again.
-            child.parent = None;
-            end_instance_boxed(transaction, &child).await?;
-        }
+        cancel_orphan(transaction, instance.tenant_id, child.get(0)).await?;
+    }
+    Ok(())
+}
+
+/// Cancels a running child whose parent is ending (it must not settle the
+/// parent again).
+pub(crate) async fn cancel_orphan(
+    transaction: &Transaction<'_>,
+    tenant_id: Uuid,
+    child_id: Uuid,
+) -> Result<(), Error> {
+    if let Some(mut child) = lock_instance(transaction, tenant_id, child_id).await? {
+        child.parent = None;
+        end_instance_boxed(transaction, &child).await?;
     }
     Ok(())
 }

@@ -7,8 +7,16 @@ use uuid::Uuid;
 use ward_shared::engine::RunState;
 use ward_shared::wire::LockedTask;
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+use ward_shared::engine::Run;
+use ward_shared::wire::status;
+
 use crate::Cached;
-use crate::progress::{self, Completion, Settlement};
+use crate::grouped;
+use crate::progress::{self, Completion, Locked, Settlement};
 use crate::{Error, Scope, Store, Tenant, scoped};
 
 /// Most tasks one fetch-and-lock may lock.
@@ -60,6 +68,72 @@ async fn settle_result(
     .await
 }
 
+/// Workers' results recorded with one UPDATE (see `Store::complete_tasks`).
+#[derive(Default)]
+struct Recorded {
+    /// Index of each result in the caller's slice.
+    index: Vec<usize>,
+    tenant_id: Vec<Uuid>,
+    instance_id: Vec<Uuid>,
+    task_run_id: Vec<Uuid>,
+    state: Vec<&'static str>,
+    output: Vec<Option<Value>>,
+    error: Vec<Option<String>>,
+    retryable: Vec<bool>,
+    started_at: Vec<DateTime<Utc>>,
+}
+
+impl Recorded {
+    fn push(&mut self, index: usize, result: &TaskResult) {
+        let (state, output, error, retryable) = result.settlement.columns();
+        self.index.push(index);
+        self.tenant_id.push(result.tenant_id);
+        self.instance_id.push(result.instance_id);
+        self.task_run_id.push(result.task_run_id);
+        self.state.push(state.as_str());
+        self.output.push(output.cloned());
+        self.error.push(error.map(str::to_owned));
+        self.retryable.push(retryable);
+        self.started_at.push(result.started_at);
+    }
+
+    /// Records the results on runs still ready or dispatched; returns the
+    /// runs it changed.
+    async fn write(
+        &self,
+        transaction: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<HashSet<Uuid>, Error> {
+        if self.index.is_empty() {
+            return Ok(HashSet::new());
+        }
+        Ok(transaction
+            .query_c(
+                "UPDATE task_runs r SET state = v.state, output = v.output, error = v.error, \
+                 retryable = v.retryable, started_at = v.started_at, finished_at = now() \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[], \
+                 $7::bool[], $8::timestamptz[]) AS v (tenant_id, instance_id, id, state, output, error, \
+                 retryable, started_at) \
+                 WHERE r.id = ANY($3) AND r.id = v.id AND r.tenant_id = v.tenant_id \
+                 AND r.instance_id = v.instance_id \
+                 AND r.state IN ('ready', 'dispatched') RETURNING r.id",
+                &[
+                    &self.tenant_id,
+                    &self.instance_id,
+                    &self.task_run_id,
+                    &self.state,
+                    &self.output,
+                    &self.error,
+                    &self.retryable,
+                    &self.started_at,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+}
+
 impl Store {
     /// Records a worker's result for a dispatched run and applies what
     /// follows, in ONE transaction (waiting for the instance's row lock).
@@ -82,6 +156,11 @@ impl Store {
     /// (`None`), so group commits never queue behind each other; the caller
     /// offers it again, or commits it alone with `complete_task`. On an
     /// error nothing is written.
+    ///
+    /// Set-based: the results are recorded with one UPDATE, the runs of the
+    /// instances that took them read with one SELECT, and each such
+    /// instance is planned once with all of its new results; the new runs
+    /// and ends are written with one statement each (`grouped`).
     pub async fn complete_tasks(
         &self,
         results: &[TaskResult],
@@ -94,26 +173,116 @@ impl Store {
         instances.dedup();
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
-        let locked: std::collections::HashSet<Uuid> = transaction
+        // Lock and read the instances, in id order, skipping busy ones.
+        let rows = transaction
             .query_c(
-                "SELECT id FROM instances WHERE tenant_id = ANY($1) AND id = ANY($2) \
-                 ORDER BY id FOR UPDATE SKIP LOCKED",
+                "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
+                 t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
+                 WHERE i.tenant_id = ANY($1) AND i.id = ANY($2) ORDER BY i.id FOR UPDATE OF i SKIP LOCKED",
                 &[&tenants, &instances],
             )
-            .await?
-            .into_iter()
-            .map(|row| row.get(0))
-            .collect();
-        let mut completions = Vec::with_capacity(results.len());
-        let mut applied = false;
-        for result in results {
-            if !locked.contains(&result.instance_id) {
-                completions.push(None);
-                continue;
+            .await?;
+        let mut locked: HashMap<Uuid, Locked> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(instance) =
+                progress::locked_from_row(&transaction, row.get(7), row.get(8), row).await?
+            {
+                locked.insert(instance.id, instance);
             }
-            let completion = settle_result(&transaction, result).await?;
-            applied |= matches!(completion, Completion::Applied { .. });
-            completions.push(Some(completion));
+        }
+        // Which results to record: those of a locked instance of their own
+        // tenant, once per run (a second copy is answered from the first).
+        let mut completions: Vec<Option<Completion>> = vec![None; results.len()];
+        let mut first_copy: HashMap<Uuid, usize> = HashMap::new();
+        let mut copies: Vec<(usize, usize)> = Vec::new();
+        let mut record = Recorded::default();
+        for (index, result) in results.iter().enumerate() {
+            match locked.get(&result.instance_id) {
+                None => {}
+                Some(instance) if instance.tenant_id != result.tenant_id => {
+                    completions[index] = Some(Completion::Unknown);
+                }
+                Some(_) => match first_copy.entry(result.task_run_id) {
+                    Entry::Occupied(first) => copies.push((index, *first.get())),
+                    Entry::Vacant(slot) => {
+                        slot.insert(index);
+                        record.push(index, result);
+                    }
+                },
+            }
+        }
+        let updated = record.write(&transaction).await?;
+        let missing: Vec<Uuid> = record
+            .task_run_id
+            .iter()
+            .filter(|id| !updated.contains(id))
+            .copied()
+            .collect();
+        let existing: HashSet<(Uuid, Uuid)> = if missing.is_empty() {
+            HashSet::new()
+        } else {
+            transaction
+                .query_c(
+                    "SELECT tenant_id, id FROM task_runs WHERE tenant_id = ANY($1) AND id = ANY($2)",
+                    &[&tenants, &missing],
+                )
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect()
+        };
+        // Advance each instance that took a result and still runs, once.
+        let mut advanced: Vec<Uuid> = Vec::new();
+        for &index in &record.index {
+            let result = &results[index];
+            if !updated.contains(&result.task_run_id) {
+                completions[index] = Some(
+                    if existing.contains(&(result.tenant_id, result.task_run_id)) {
+                        Completion::Duplicate
+                    } else {
+                        Completion::Unknown
+                    },
+                );
+            } else if locked[&result.instance_id].status == status::RUNNING {
+                advanced.push(result.instance_id);
+            }
+        }
+        advanced.sort_unstable();
+        advanced.dedup();
+        let mut statuses: HashMap<Uuid, String> = locked
+            .values()
+            .map(|instance| (instance.id, instance.status.clone()))
+            .collect();
+        if !advanced.is_empty() {
+            let rows = transaction
+                .query_c(
+                    "SELECT instance_id, step_id, attempt, state, input, output, error, retryable FROM task_runs \
+                     WHERE tenant_id = ANY($1) AND instance_id = ANY($2)",
+                    &[&tenants, &advanced],
+                )
+                .await?;
+            let mut runs = grouped::runs_by_instance(&rows)?;
+            let planned: Vec<(&Locked, Vec<Run>)> = advanced
+                .iter()
+                .map(|id| (&locked[id], runs.remove(id).unwrap_or_default()))
+                .collect();
+            let after = grouped::advance_many(&transaction, &planned).await?;
+            statuses.extend(advanced.iter().copied().zip(after));
+        }
+        let mut applied = false;
+        for &index in &record.index {
+            if updated.contains(&results[index].task_run_id) {
+                applied = true;
+                completions[index] = Some(Completion::Applied {
+                    instance_status: statuses[&results[index].instance_id].clone(),
+                });
+            }
+        }
+        for (index, first) in copies {
+            completions[index] = match &completions[first] {
+                Some(Completion::Applied { .. }) => Some(Completion::Duplicate),
+                other => other.clone(),
+            };
         }
         // Only redeliveries and late answers: nothing was written.
         if applied {

@@ -12,7 +12,12 @@ use ward_shared::wire::{
     HistoryEvent, InstanceList, InstanceSummary, InstanceView, StartInstance, StepView, status,
 };
 
+use std::collections::{HashMap, HashSet};
+
+use ward_shared::engine::Run;
+
 use crate::Cached;
+use crate::grouped;
 use crate::progress::{self, Locked, Settlement};
 use crate::{Error, Scope, Store, Tenant, scoped};
 
@@ -219,34 +224,7 @@ impl Store {
         tenants.dedup();
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
-        let mut definitions: std::collections::HashMap<(Uuid, &str, Option<i32>), Resolved> =
-            std::collections::HashMap::new();
-        let mut answers = Vec::with_capacity(items.len());
-        for (tenant, request, idempotency_key) in items {
-            let key = (tenant.id, request.definition.as_str(), request.version);
-            let resolved = match definitions.get(&key) {
-                Some(resolved) => resolved.clone(),
-                None => match resolve_definition(&transaction, tenant, request).await {
-                    Ok(resolved) => {
-                        definitions.insert(key, resolved.clone());
-                        resolved
-                    }
-                    Err(error @ Error::DefinitionNotFound { .. }) if !all_or_none => {
-                        answers.push(Err(error));
-                        continue;
-                    }
-                    Err(error) => return Err(error),
-                },
-            };
-            answers.push(Ok(start_resolved(
-                &transaction,
-                tenant,
-                request,
-                *idempotency_key,
-                resolved,
-            )
-            .await?));
-        }
+        let answers = start_items(&transaction, items, all_or_none).await?;
         transaction.commit().await?;
         Ok(answers)
     }
@@ -585,7 +563,6 @@ impl Store {
     }
 }
 
-/// Starts an instance inside `transaction` (see [`Store::start_instance`]).
 /// A definition version resolved for starting instances.
 #[derive(Clone)]
 struct Resolved {
@@ -594,14 +571,202 @@ struct Resolved {
     definition: std::sync::Arc<Definition>,
 }
 
+/// Starts an instance inside `transaction` (see [`Store::start_instance`]).
 pub(crate) async fn start_instance_tx(
     transaction: &Transaction<'_>,
     tenant: &Tenant,
     request: &StartInstance,
     idempotency_key: Option<&str>,
 ) -> Result<Started, Error> {
-    let resolved = resolve_definition(transaction, tenant, request).await?;
-    start_resolved(transaction, tenant, request, idempotency_key, resolved).await
+    start_items(transaction, &[(tenant, request, idempotency_key)], true)
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(Error::Corrupt("a start was not answered".into())))
+}
+
+/// Starts `items` inside `transaction`, one answer per item, in order:
+/// resolves each (tenant, definition, version) once, writes the new
+/// instances with one INSERT, and advances them together
+/// (`grouped::advance_many`). An unknown definition fails everything when
+/// `all_or_none`, else only its item. An idempotency key or business key
+/// that matches an existing instance (or an earlier item) answers that one.
+async fn start_items(
+    transaction: &Transaction<'_>,
+    items: &[(&Tenant, &StartInstance, Option<&str>)],
+    all_or_none: bool,
+) -> Result<Vec<Result<Started, Error>>, Error> {
+    let mut definitions: HashMap<(Uuid, &str, Option<i32>), Resolved> = HashMap::new();
+    let mut answers: Vec<Option<Result<Started, Error>>> = Vec::with_capacity(items.len());
+    let mut new = NewInstances::default();
+    for (index, (tenant, request, idempotency_key)) in items.iter().enumerate() {
+        let key = (tenant.id, request.definition.as_str(), request.version);
+        let resolved = match definitions.get(&key) {
+            Some(resolved) => resolved.clone(),
+            None => match resolve_definition(transaction, tenant, request).await {
+                Ok(resolved) => {
+                    definitions.insert(key, resolved.clone());
+                    resolved
+                }
+                Err(error @ Error::DefinitionNotFound { .. }) if !all_or_none => {
+                    answers.push(Some(Err(error)));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        answers.push(None);
+        new.push(index, tenant, request, *idempotency_key, resolved);
+    }
+    let inserted = new.write(transaction).await?;
+    // Advance the new instances together.
+    let mut fresh: Vec<(usize, Locked)> = Vec::with_capacity(inserted.len());
+    let mut found: Vec<usize> = Vec::new();
+    for (slot, &index) in new.index.iter().enumerate() {
+        if inserted.contains(&new.id[slot]) {
+            let (tenant, request, _) = items[index];
+            fresh.push((
+                slot,
+                Locked {
+                    id: new.id[slot],
+                    tenant_id: tenant.id,
+                    tier: tenant.tier.clone(),
+                    status: status::RUNNING.to_owned(),
+                    definition: new.resolved[slot].definition.clone(),
+                    input: request.input.clone(),
+                    parent: None,
+                    depth: 0,
+                },
+            ));
+        } else {
+            found.push(slot);
+        }
+    }
+    let planned: Vec<(&Locked, Vec<Run>)> = fresh
+        .iter()
+        .map(|(_, instance)| (instance, Vec::new()))
+        .collect();
+    let statuses = grouped::advance_many(transaction, &planned).await?;
+    for ((slot, instance), instance_status) in fresh.iter().zip(statuses) {
+        answers[new.index[*slot]] = Some(Ok(Started {
+            id: instance.id,
+            definition: instance.definition.name.clone(),
+            version: new.resolved[*slot].version,
+            status: instance_status,
+            created: true,
+        }));
+    }
+    // Keys that matched: answer the existing instance (read after the
+    // advance, so a key repeated within the batch sees its status).
+    for slot in found {
+        let index = new.index[slot];
+        let (tenant, request, idempotency_key) = items[index];
+        let name = &new.resolved[slot].definition.name;
+        let existing = transaction
+            .query_one_c(
+                "SELECT i.id, d.version, i.status FROM instances i JOIN definitions d ON d.id = i.definition_id \
+                 WHERE i.tenant_id = $1 AND ((i.idempotency_key = $2) \
+                 OR (i.definition_name = $3 AND i.business_key = $4)) LIMIT 1",
+                &[&tenant.id, &idempotency_key, name, &request.business_key],
+            )
+            .await?;
+        answers[index] = Some(Ok(Started {
+            id: existing.get(0),
+            definition: name.clone(),
+            version: existing.get(1),
+            status: existing.get(2),
+            created: false,
+        }));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|answer| {
+            answer.unwrap_or_else(|| Err(Error::Corrupt("a start was not answered".into())))
+        })
+        .collect())
+}
+
+/// New instances written with ONE `INSERT ... SELECT FROM unnest(...)`.
+#[derive(Default)]
+struct NewInstances {
+    /// Index of each in the caller's items.
+    index: Vec<usize>,
+    resolved: Vec<Resolved>,
+    id: Vec<Uuid>,
+    tenant_id: Vec<Uuid>,
+    definition_id: Vec<Uuid>,
+    definition_name: Vec<String>,
+    input: Vec<Value>,
+    business_key: Vec<Option<String>>,
+    idempotency_key: Vec<Option<String>>,
+    trace_parent: Vec<String>,
+}
+
+impl NewInstances {
+    fn push(
+        &mut self,
+        index: usize,
+        tenant: &Tenant,
+        request: &StartInstance,
+        idempotency_key: Option<&str>,
+        resolved: Resolved,
+    ) {
+        let trace_parent = request
+            .trace_parent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(|| {
+                TraceParent::root(
+                    *Uuid::new_v4().as_bytes(),
+                    span_bytes(Uuid::new_v4().as_bytes()),
+                )
+            })
+            .header();
+        self.index.push(index);
+        self.id.push(Uuid::now_v7());
+        self.tenant_id.push(tenant.id);
+        self.definition_id.push(resolved.id);
+        self.definition_name.push(resolved.definition.name.clone());
+        self.resolved.push(resolved);
+        self.input.push(request.input.clone());
+        self.business_key.push(request.business_key.clone());
+        self.idempotency_key
+            .push(idempotency_key.map(str::to_owned));
+        self.trace_parent.push(trace_parent);
+    }
+
+    /// Inserts the instances, in order, skipping any whose idempotency key
+    /// or business key exists (or was inserted just before it); returns
+    /// the ids inserted.
+    async fn write(&self, transaction: &Transaction<'_>) -> Result<HashSet<Uuid>, Error> {
+        if self.id.is_empty() {
+            return Ok(HashSet::new());
+        }
+        Ok(transaction
+            .query_c(
+                "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
+                 idempotency_key, trace_parent) \
+                 SELECT id, tenant_id, definition_id, definition_name, 'running', input, business_key, \
+                 idempotency_key, trace_parent \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[], $7::text[], \
+                 $8::text[]) AS v (id, tenant_id, definition_id, definition_name, input, business_key, \
+                 idempotency_key, trace_parent) \
+                 ON CONFLICT DO NOTHING RETURNING id",
+                &[
+                    &self.id,
+                    &self.tenant_id,
+                    &self.definition_id,
+                    &self.definition_name,
+                    &self.input,
+                    &self.business_key,
+                    &self.idempotency_key,
+                    &self.trace_parent,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
 }
 
 async fn resolve_definition(
@@ -626,84 +791,6 @@ async fn resolve_definition(
         id,
         version: row.get(1),
         definition: progress::definition_by_id(transaction, id).await?,
-    })
-}
-
-async fn start_resolved(
-    transaction: &Transaction<'_>,
-    tenant: &Tenant,
-    request: &StartInstance,
-    idempotency_key: Option<&str>,
-    resolved: Resolved,
-) -> Result<Started, Error> {
-    let Resolved {
-        id: definition_id,
-        version,
-        definition,
-    } = resolved;
-    let instance_id = Uuid::now_v7();
-    let trace_parent = request
-        .trace_parent
-        .as_deref()
-        .and_then(TraceParent::parse)
-        .unwrap_or_else(|| {
-            TraceParent::root(
-                *Uuid::new_v4().as_bytes(),
-                span_bytes(Uuid::new_v4().as_bytes()),
-            )
-        })
-        .header();
-    let inserted = transaction
-        .execute_c(
-            "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
-             idempotency_key, trace_parent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-            &[
-                &instance_id,
-                &tenant.id,
-                &definition_id,
-                &definition.name,
-                &status::RUNNING,
-                &request.input,
-                &request.business_key,
-                &idempotency_key,
-                &trace_parent,
-            ],
-        )
-        .await?;
-    if inserted == 0 {
-        let existing = transaction
-            .query_one_c(
-                "SELECT i.id, d.version, i.status FROM instances i JOIN definitions d ON d.id = i.definition_id \
-                 WHERE i.tenant_id = $1 AND ((i.idempotency_key = $2) \
-                 OR (i.definition_name = $3 AND i.business_key = $4)) LIMIT 1",
-                &[&tenant.id, &idempotency_key, &definition.name, &request.business_key],
-            )
-            .await?;
-        return Ok(Started {
-            id: existing.get(0),
-            definition: definition.name.clone(),
-            version: existing.get(1),
-            status: existing.get(2),
-            created: false,
-        });
-    }
-    let locked = Locked {
-        id: instance_id,
-        tenant_id: tenant.id,
-        tier: tenant.tier.clone(),
-        status: status::RUNNING.to_owned(),
-        definition,
-        input: request.input.clone(),
-        parent: None,
-        depth: 0,
-    };
-    let instance_status = progress::advance_new(transaction, &locked, true).await?;
-    Ok(Started {
-        id: instance_id,
-        definition: locked.definition.name.clone(),
-        version,
-        status: instance_status,
-        created: true,
     })
 }
 

@@ -256,6 +256,67 @@ async fn group_commit_answers_each_result_and_skips_busy_instances() {
         store.complete_task(&forged).await.unwrap(),
         Completion::Unknown
     );
+
+    // In one group commit: a result naming another tenant is Unknown, a
+    // second copy of a result is a Duplicate, a run that does not exist is
+    // Unknown; only the genuine result changes anything.
+    let fresh = store
+        .start_instances(&tenants[0], &[(start.clone(), None), (start.clone(), None)])
+        .await
+        .unwrap();
+    let mut fresh_results = Vec::new();
+    for started in &fresh {
+        let run: Uuid = sql
+            .query_one(
+                "SELECT id FROM task_runs WHERE instance_id = $1 AND state = 'ready'",
+                &[&started.id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        fresh_results.push(TaskResult {
+            tenant_id: tenants[0].id,
+            instance_id: started.id,
+            task_run_id: run,
+            settlement: Settlement::Succeeded(json!({ "checked": true })),
+            started_at: chrono::Utc::now(),
+        });
+    }
+    let genuine = fresh_results[0].clone();
+    let forged = TaskResult {
+        tenant_id: tenants[1].id,
+        ..fresh_results[1].clone()
+    };
+    let missing = TaskResult {
+        task_run_id: Uuid::now_v7(),
+        ..genuine.clone()
+    };
+    let answers = store
+        .complete_tasks(&[genuine.clone(), forged, genuine, missing])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Some(Completion::Applied {
+                instance_status: "completed".into()
+            }),
+            Some(Completion::Unknown),
+            Some(Completion::Duplicate),
+            Some(Completion::Unknown),
+        ]
+    );
+    let states: Vec<String> = sql
+        .query(
+            "SELECT status FROM instances WHERE id = ANY($1) ORDER BY id",
+            &[&vec![fresh[0].id, fresh[1].id]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(states, ["completed", "running"]);
     sandbox.teardown().await;
 }
 
@@ -384,5 +445,117 @@ async fn concurrent_single_starts_share_transactions_and_each_gets_its_answer() 
     let expected = (0..60).filter(|n| n % 5 != 0 && n % 7 != 0).count() as i64 + 2;
     assert_eq!(stored, expected);
     wait_completed(&sandbox, "triage", expected, Duration::from_secs(60)).await;
+    sandbox.teardown().await;
+}
+
+#[tokio::test]
+async fn a_parent_that_fails_in_a_group_commit_cancels_the_child_settled_beside_it() {
+    let sandbox = Sandbox::new().await;
+    let store = sandbox.store().await;
+    let tenant = store
+        .create_tenant("east-wing", "gold", ward_store::Quotas::default())
+        .await
+        .unwrap()
+        .tenant;
+    for spec in [
+        json!({ "name": "kid", "steps": [
+            { "id": "k", "kind": "task", "handler": "echo", "retry": { "max_attempts": 1 } }
+        ] }),
+        json!({ "name": "parent", "steps": [
+            { "id": "boom", "kind": "task", "handler": "echo", "retry": { "max_attempts": 1 } },
+            { "id": "inner", "kind": "sub_workflow", "definition": "kid" }
+        ] }),
+    ] {
+        let definition = ward_shared::Definition::from_json(spec.to_string().as_bytes()).unwrap();
+        store
+            .publish_definition(&tenant, &definition)
+            .await
+            .unwrap();
+    }
+    let start = StartInstance {
+        definition: "parent".into(),
+        version: None,
+        input: json!({}),
+        business_key: None,
+        trace_parent: None,
+    };
+    let parent = store
+        .start_instances(&tenant, &[(start, None)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(parent.status, "running");
+    let sql = sandbox.sql().await;
+    let ready = sql
+        .query(
+            "SELECT r.id, r.instance_id, r.step_id FROM task_runs r JOIN instances i ON i.id = r.instance_id \
+             WHERE (i.id = $1 OR i.parent_instance_id = $1) AND r.state = 'ready' ORDER BY r.step_id",
+            &[&parent.id],
+        )
+        .await
+        .unwrap();
+    let steps: Vec<String> = ready.iter().map(|row| row.get(2)).collect();
+    assert_eq!(steps, ["boom", "k"]);
+    let child: Uuid = ready[1].get(1);
+    let result = |row: &tokio_postgres::Row, settlement| TaskResult {
+        tenant_id: tenant.id,
+        instance_id: row.get(1),
+        task_run_id: row.get(0),
+        settlement,
+        started_at: chrono::Utc::now(),
+    };
+    // The child's task succeeds and the parent's fails, in one commit: the
+    // parent fails and cancels the child, whose own end is then not written.
+    let answers = store
+        .complete_tasks(&[
+            result(&ready[1], Settlement::Succeeded(json!({}))),
+            result(
+                &ready[0],
+                Settlement::Failed {
+                    error: "no bed free".into(),
+                    retryable: false,
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Some(Completion::Applied {
+                instance_status: "cancelled".into()
+            }),
+            Some(Completion::Applied {
+                instance_status: "failed".into()
+            }),
+        ]
+    );
+    let statuses: Vec<(Uuid, String)> = sql
+        .query(
+            "SELECT id, status FROM instances WHERE id = ANY($1) ORDER BY id",
+            &[&vec![parent.id, child]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (parent.id, "failed".to_owned()),
+            (child, "cancelled".to_owned())
+        ]
+    );
+    let pending: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM task_runs WHERE instance_id = ANY($1) \
+             AND state IN ('ready', 'waiting', 'dispatched', 'locked')",
+            &[&vec![parent.id, child]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0, "nothing is left to run");
     sandbox.teardown().await;
 }

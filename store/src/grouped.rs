@@ -1,0 +1,143 @@
+//! Set-based progress for group commits: plans many locked instances at
+//! once and writes what follows with one statement per kind of write (new
+//! runs, ends), so a batch of results or starts costs a few statements, not
+//! a few per item. Anything unusual (sub-workflows, signals, a parent to
+//! settle) takes the one-instance path in `progress`.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Transaction;
+use serde_json::Value;
+use uuid::Uuid;
+use ward_shared::engine::{self, End, Run};
+use ward_shared::wire::status;
+
+use crate::Cached;
+use crate::Error;
+use crate::progress::{self, Locked, RunRows};
+
+/// Advances each `(instance, its runs)` (running, locked by this
+/// transaction, no two the same) and returns each one's status, in order.
+/// Plain plans (new tasks, HTTP calls, delays) and ends of instances
+/// without a parent are written together; any other instance is advanced
+/// on its own afterwards, from a fresh read.
+pub(crate) async fn advance_many(
+    transaction: &Transaction<'_>,
+    instances: &[(&Locked, Vec<Run>)],
+) -> Result<Vec<String>, Error> {
+    let mut statuses = vec![status::RUNNING.to_owned(); instances.len()];
+    let mut rows = RunRows::default();
+    let mut ends = Ends::default();
+    let mut alone = Vec::new();
+    for (index, (instance, runs)) in instances.iter().enumerate() {
+        let plan = engine::plan(
+            &instance.definition,
+            &instance.input,
+            runs,
+            rand::random::<f64>(),
+        );
+        match plan.end {
+            Some(end) if instance.parent.is_none() => {
+                statuses[index] = ends.push(instance, end).to_owned();
+            }
+            None if progress::plain(instance, &plan.starts) => {
+                for start in &plan.starts {
+                    rows.push_start(instance, start)?;
+                }
+            }
+            _ => alone.push(index),
+        }
+    }
+    // New runs before ends: an ending parent cancels its children's
+    // pending runs, including those written here.
+    rows.write(transaction).await?;
+    ends.write(transaction).await?;
+    // Re-read: the writes above may have ended one of these (a parent
+    // cancels its children) or settled it (a child ends).
+    for index in alone {
+        let (instance, _) = &instances[index];
+        statuses[index] = progress::advance_again(transaction, instance).await?;
+    }
+    Ok(statuses)
+}
+
+/// Ends of instances without a parent, written with one statement.
+#[derive(Default)]
+struct Ends {
+    tenant_id: Vec<Uuid>,
+    id: Vec<Uuid>,
+    status: Vec<&'static str>,
+    output: Vec<Option<Value>>,
+    error: Vec<Option<String>>,
+}
+
+impl Ends {
+    /// Adds an end; returns the instance's new status.
+    fn push(&mut self, instance: &Locked, end: End) -> &'static str {
+        let (new_status, output, error) = match end {
+            End::Completed { output } => (status::COMPLETED, Some(output), None),
+            End::Failed { error } => (status::FAILED, None, Some(error)),
+        };
+        self.tenant_id.push(instance.tenant_id);
+        self.id.push(instance.id);
+        self.status.push(new_status);
+        self.output.push(output);
+        self.error.push(error);
+        new_status
+    }
+
+    /// Ends the instances, cancels their pending runs, then cancels their
+    /// running children (one by one: that is rare).
+    async fn write(self, transaction: &Transaction<'_>) -> Result<(), Error> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let children = transaction
+            .query_c(
+                // `= ANY` on the keys lets each part use its index
+                // whatever the planner guesses of the arrays' lengths.
+                "WITH ended AS (UPDATE instances i SET status = v.status, output = v.output, error = v.error, \
+                 updated_at = now(), completed_at = now() \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[]) \
+                 AS v (tenant_id, id, status, output, error) \
+                 WHERE i.id = ANY($2) AND i.tenant_id = ANY($1) AND i.id = v.id AND i.tenant_id = v.tenant_id \
+                 RETURNING 1), \
+                 cancelled AS (UPDATE task_runs SET state = 'cancelled', finished_at = now() \
+                 WHERE instance_id = ANY($2) AND tenant_id = ANY($1) \
+                 AND state IN ('ready', 'waiting', 'locked') RETURNING 1) \
+                 SELECT tenant_id, id FROM instances WHERE parent_instance_id = ANY($2) AND tenant_id = ANY($1) \
+                 AND status = 'running'",
+                &[
+                    &self.tenant_id,
+                    &self.id,
+                    &self.status,
+                    &self.output,
+                    &self.error,
+                ],
+            )
+            .await?;
+        let mut children: Vec<(Uuid, Uuid)> = children
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        children.sort_unstable_by_key(|(_, id)| *id);
+        for (tenant_id, child_id) in children {
+            progress::cancel_orphan(transaction, tenant_id, child_id).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Groups runs rows (instance id first, then the columns of
+/// [`progress::run_from_row`]) by instance.
+pub(crate) fn runs_by_instance(
+    rows: &[tokio_postgres::Row],
+) -> Result<HashMap<Uuid, Vec<Run>>, Error> {
+    let mut runs: HashMap<Uuid, Vec<Run>> = HashMap::new();
+    for row in rows {
+        runs.entry(row.get(0))
+            .or_default()
+            .push(progress::run_from_row(row, 1)?);
+    }
+    Ok(runs)
+}
