@@ -165,6 +165,25 @@ impl Store {
         &self,
         results: &[TaskResult],
     ) -> Result<Vec<Option<Completion>>, Error> {
+        self.complete_many(results, true).await
+    }
+
+    /// `complete_tasks` for results that sat out group commits because
+    /// their instances were busy: waits for the instance locks (taken in id
+    /// order) instead of skipping them, so the stragglers share one
+    /// transaction. `None` only for an instance this transaction cannot see.
+    pub async fn complete_tasks_waiting(
+        &self,
+        results: &[TaskResult],
+    ) -> Result<Vec<Option<Completion>>, Error> {
+        self.complete_many(results, false).await
+    }
+
+    async fn complete_many(
+        &self,
+        results: &[TaskResult],
+        skip_locked: bool,
+    ) -> Result<Vec<Option<Completion>>, Error> {
         let mut tenants: Vec<Uuid> = results.iter().map(|result| result.tenant_id).collect();
         tenants.sort_unstable();
         tenants.dedup();
@@ -176,9 +195,15 @@ impl Store {
         // Lock and read the instances, in id order, skipping busy ones.
         let rows = transaction
             .query_c(
-                "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
-                 t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
-                 WHERE i.tenant_id = ANY($1) AND i.id = ANY($2) ORDER BY i.id FOR UPDATE OF i SKIP LOCKED",
+                if skip_locked {
+                    "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
+                     t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
+                     WHERE i.tenant_id = ANY($1) AND i.id = ANY($2) ORDER BY i.id FOR UPDATE OF i SKIP LOCKED"
+                } else {
+                    "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
+                     t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
+                     WHERE i.tenant_id = ANY($1) AND i.id = ANY($2) ORDER BY i.id FOR UPDATE OF i"
+                },
                 &[&tenants, &instances],
             )
             .await?;

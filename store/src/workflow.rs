@@ -237,26 +237,28 @@ impl Store {
     ) -> Result<Option<InstanceView>, Error> {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
-        let Some(row) = transaction
-            .query_opt_c(
+        // Both reads pipelined on the connection: one round trip, one snapshot
+        // each (READ COMMITTED; the runs may be a little newer, never older).
+        let (row, steps) = futures::future::try_join(
+            transaction.query_opt_c(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
                  i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at, i.trace_parent \
                  FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND i.id = $2",
                 &[&tenant.id, &instance_id],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let steps = transaction
-            .query_c(
+            ),
+            transaction.query_c(
                 "SELECT id, step_id, kind, handler, attempt, state, idempotency_key, input, output, error, \
                  retryable, available_at, child_instance_id, created_at, dispatched_at, started_at, finished_at \
                  FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id",
                 &[&tenant.id, &instance_id],
-            )
-            .await?
+            ),
+        )
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let steps = steps
             .into_iter()
             .map(|step| StepView {
                 task_run_id: step.get(0),
@@ -310,20 +312,20 @@ impl Store {
         let mut client = self.pool.get().await?;
         let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
-        // The best index depends on which filters are set: plan per call.
-        client
-            .batch_execute("SET LOCAL plan_cache_mode = force_custom_plan")
-            .await?;
-        let rows = client
-            .query_c(
+        // The best index depends on which filters are set: plan per call
+        // (the setting and the query pipelined on the connection, in order).
+        let (_, rows) = futures::future::try_join(
+            client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+            client.query_c(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
                  i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.definition_name = $2) \
                  AND ($3::text IS NULL OR i.status = $3) AND ($4::text IS NULL OR i.business_key = $4) \
                  AND ($5::uuid IS NULL OR i.id < $5) ORDER BY i.id DESC LIMIT $6",
                 &[&tenant.id, &filter.definition, &filter.status, &filter.business_key, &filter.before, &(limit + 1)],
-            )
-            .await?;
+            ),
+        )
+        .await?;
         let mut instances: Vec<InstanceSummary> = rows
             .into_iter()
             .map(|row| InstanceSummary {

@@ -226,16 +226,30 @@ async fn group_commit_answers_each_result_and_skips_busy_instances() {
         );
     }
     assert_eq!(answers[4], None, "a busy instance is not waited for");
-    admin.batch_execute("ROLLBACK").await.unwrap();
 
-    // Redelivered results answer Duplicate; the skipped one commits now.
-    let answers = store.complete_tasks(&results).await.unwrap();
-    assert_eq!(answers[0], Some(Completion::Duplicate));
+    // The stragglers' commit waits for the lock instead, then applies.
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        let straggler = results[4].clone();
+        async move { store.complete_tasks_waiting(&[straggler]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "it waits for the instance's lock");
+    admin.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(
-        answers[4],
-        Some(Completion::Applied {
+        waiting.await.unwrap().unwrap(),
+        vec![Some(Completion::Applied {
             instance_status: "completed".into()
-        })
+        })]
+    );
+
+    // Redelivered results answer Duplicate.
+    let answers = store.complete_tasks(&results).await.unwrap();
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer == &Some(Completion::Duplicate)),
+        "{answers:?}"
     );
     let completed: i64 = sql
         .query_one(

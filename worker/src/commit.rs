@@ -25,7 +25,8 @@ pub enum CommitError {
 }
 
 /// Group commits a result may sit out (its instance locked by another
-/// transaction) before it is committed alone, waiting for the lock.
+/// transaction) before it is committed waiting for the lock (with the
+/// other stragglers of its batch, or alone).
 const DEFERRALS_MAX: u32 = 2;
 
 /// One result waiting for its commit.
@@ -139,7 +140,7 @@ async fn commit_loop(
                         }
                     }
                 }
-                commit_alone(&store, alone.0, alone.1).await;
+                commit_waiting(&store, alone.0, alone.1).await;
             }
             Err(error) => {
                 // Nothing of the batch was written: commit each on its own,
@@ -147,6 +148,41 @@ async fn commit_loop(
                 tracing::debug!(%error, len = results.len(), "group commit failed; committing one by one");
                 commit_alone(&store, results, waiters).await;
             }
+        }
+    }
+}
+
+/// Commits results whose instances were busy in one transaction that waits
+/// for their locks; each result it cannot answer (or all, if it fails) is
+/// committed alone.
+async fn commit_waiting(
+    store: &Store,
+    results: Vec<TaskResult>,
+    waiters: Vec<(oneshot::Sender<Result<Completion, CommitError>>, u32)>,
+) {
+    if results.len() < 2 {
+        return commit_alone(store, results, waiters).await;
+    }
+    match store.complete_tasks_waiting(&results).await {
+        Ok(completions) => {
+            let mut alone = (Vec::new(), Vec::new());
+            for ((result, waiter), completion) in results.into_iter().zip(waiters).zip(completions)
+            {
+                match completion {
+                    Some(completion) => {
+                        let _ = waiter.0.send(Ok(completion));
+                    }
+                    None => {
+                        alone.0.push(result);
+                        alone.1.push(waiter);
+                    }
+                }
+            }
+            commit_alone(store, alone.0, alone.1).await;
+        }
+        Err(error) => {
+            tracing::debug!(%error, len = results.len(), "waiting group commit failed; committing one by one");
+            commit_alone(store, results, waiters).await;
         }
     }
 }
