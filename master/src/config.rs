@@ -31,6 +31,9 @@ pub struct Config {
     pub log_json: bool,
 }
 
+/// Most dispatch rounds a leader may have in flight.
+pub const ROUNDS_IN_FLIGHT_MAX: usize = 8;
+
 /// `[dispatch]`: how the leader moves ready tasks to the queues.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -46,6 +49,9 @@ pub struct Dispatch {
     pub window_max: i64,
     /// Poll interval while ready work waits for a free slot in the window.
     pub saturated_poll_ms: u64,
+    /// Dispatch rounds (claim, publish, confirms, mark) in flight at once:
+    /// a new round claims while earlier ones wait for their confirms.
+    pub rounds_in_flight_max: usize,
     /// Lease of a dispatched run whose step sets no `timeout_ms`.
     pub lease_default_ms: u64,
     /// Added to every lease: time for delivery, commit and clock drift.
@@ -79,6 +85,7 @@ impl Default for Dispatch {
             timer_poll_ms: 100,
             window_max: 512,
             saturated_poll_ms: 5,
+            rounds_in_flight_max: 2,
             lease_default_ms: 60_000,
             lease_grace_ms: 15_000,
         }
@@ -120,6 +127,14 @@ impl Config {
         anyhow::ensure!(
             self.dispatch.batch_len_max >= 1,
             "dispatch.batch_len_max: must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=ROUNDS_IN_FLIGHT_MAX).contains(&self.dispatch.rounds_in_flight_max),
+            "dispatch.rounds_in_flight_max: must be 1 to {ROUNDS_IN_FLIGHT_MAX}"
+        );
+        anyhow::ensure!(
+            self.dispatch.rounds_in_flight_max < self.database.pool_size_max,
+            "dispatch.rounds_in_flight_max: must be below database.pool_size_max (each round holds a connection)"
         );
         Ok(())
     }

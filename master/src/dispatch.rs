@@ -6,11 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use ward_broker::Broker;
-use ward_store::{ActiveTenant, Listener, Store, TierSpec};
+use ward_store::{ActiveTenant, Listener, Pick, Store, TierSpec};
 
 use crate::config::Config;
 use crate::fairness::{self, Ledger};
@@ -45,10 +48,22 @@ const INFLIGHT_REFRESH_MS_FULL: u64 = 50;
 #[derive(Default)]
 struct Inflight {
     counts: HashMap<(String, Uuid), i64>,
+    /// Picked by rounds still in flight (counted in `counts` as if all
+    /// were dispatched, and added again to each fresh read, which cannot
+    /// see uncommitted claims).
+    outstanding: HashMap<(String, Uuid), i64>,
     read_at: Option<Instant>,
     /// The last round found a window full or a tenant at its cap.
     full: bool,
 }
+
+/// What a round in flight resolves to: its picks, when it started, and the
+/// claimed count per tenant.
+type RoundDone = (
+    Vec<Pick>,
+    Instant,
+    Result<HashMap<Uuid, usize>, ward_store::Error>,
+);
 
 /// The dispatcher's view of who has work.
 struct Active {
@@ -74,7 +89,7 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let (payload_tx, mut payloads) = mpsc::channel::<String>(PAYLOADS_MAX);
     let mut listener: Option<Listener> = None;
-    let mut broker: Option<Broker> = None;
+    let mut broker: Option<Arc<Broker>> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
     // A newly active tenant seen too soon after the last rebuild: rebuild as
     // soon as allowed rather than forget it until the periodic one.
@@ -88,6 +103,9 @@ pub async fn run(
     };
     let mut ledger = Ledger::default();
     let mut inflight = Inflight::default();
+    let rounds_max = config.dispatch.rounds_in_flight_max.max(1);
+    let mut rounds: FuturesUnordered<BoxFuture<'static, RoundDone>> = FuturesUnordered::new();
+    let mut plan_more = true;
     while !term_over.is_cancelled() {
         if listener.as_ref().is_none_or(Listener::is_closed) {
             listener =
@@ -141,72 +159,51 @@ pub async fn run(
                 failed = true;
             }
         }
-        if broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
+        // A broken broker is replaced once no round uses it any more.
+        if rounds.is_empty() && broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
             let tiers: Vec<String> = active
                 .tiers
                 .iter()
                 .map(|tier| tier.name.clone())
                 .chain(config.tiers.iter().cloned())
                 .collect();
-            broker = connect_broker(&broker_settings, &tiers).await;
+            broker = connect_broker(&broker_settings, &tiers).await.map(Arc::new);
         }
-        failed |= broker.is_none();
+        failed |= broker.as_ref().is_none_or(|broker| !broker.is_connected());
+        // Start rounds while there may be work and fewer than the bound are
+        // in flight: a new round claims (SKIP LOCKED) while the others wait
+        // for their publisher confirms.
         if let (Some(connected), false) = (&broker, failed) {
-            loop {
-                match round(
+            while plan_more && rounds.len() < rounds_max {
+                plan_more = false;
+                match plan_round(
                     &store,
                     &config,
                     &metrics,
-                    connected,
-                    epoch,
                     &mut active,
                     &mut ledger,
                     &mut inflight,
                 )
                 .await
                 {
-                    Ok(dispatched) if dispatched > 0 && !term_over.is_cancelled() => continue,
-                    Ok(_) => break,
-                    Err(ward_store::Error::Fenced {
+                    Ok(picks) if picks.is_empty() => {}
+                    Ok(picks) => rounds.push(execute_round(
+                        store.clone(),
+                        connected.clone(),
+                        config.clone(),
+                        metrics.clone(),
                         epoch,
-                        epoch_current,
-                    }) => {
-                        metrics
-                            .dispatch_errors_total
-                            .with_label_values(&["fenced"])
-                            .inc();
-                        tracing::error!(
-                            epoch,
-                            epoch_current,
-                            "fenced: a newer leader exists; stopping dispatch"
-                        );
-                        term_over.cancel();
-                        return;
-                    }
-                    Err(ward_store::Error::Publish(error)) => {
-                        metrics
-                            .dispatch_errors_total
-                            .with_label_values(&["broker"])
-                            .inc();
-                        tracing::warn!(%error, "publish failed; reconnecting to the broker");
-                        failed = true;
-                        break;
-                    }
+                        picks,
+                    )),
                     Err(error) => {
                         metrics
                             .dispatch_errors_total
                             .with_label_values(&["store"])
                             .inc();
-                        tracing::warn!(%error, "dispatch failed");
+                        tracing::warn!(%error, "dispatch planning failed");
                         failed = true;
-                        break;
                     }
                 }
-            }
-        }
-        if failed {
-            if let Some(broken) = broker.take_if(|broker| !broker.is_connected()) {
-                broken.close().await;
             }
         }
         if backlog_refreshed_at
@@ -214,6 +211,19 @@ pub async fn run(
         {
             refresh_backlog(&store, &metrics, &active.tiers).await;
             backlog_refreshed_at = Some(Instant::now());
+        }
+        if failed {
+            // Let the rounds in flight end before backing off and replacing
+            // the broker.
+            while let Some(done) = rounds.next().await {
+                if finish_round(&metrics, done, &mut active, &mut ledger, &mut inflight).is_err() {
+                    term_over.cancel();
+                    return;
+                }
+            }
+            if let Some(broken) = broker.take_if(|broker| !broker.is_connected()) {
+                broken.close().await;
+            }
         }
         let mut pause = if failed {
             FAILURE_DELAY_MS
@@ -231,9 +241,25 @@ pub async fn run(
         }
         tokio::select! {
             () = term_over.cancelled() => break,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(pause)) => {}
+            Some(done) = rounds.next(), if !rounds.is_empty() => {
+                match finish_round(&metrics, done, &mut active, &mut ledger, &mut inflight) {
+                    // More may be ready: plan again at once.
+                    Ok(Some(dispatched)) => plan_more = dispatched > 0,
+                    Ok(None) => {}
+                    Err(()) => {
+                        term_over.cancel();
+                        return;
+                    }
+                }
+            }
+            () = wake.notified() => plan_more = true,
+            () = tokio::time::sleep(Duration::from_millis(pause)) => plan_more = true,
         }
+    }
+    // Stop taking work; let the rounds in flight end (each is bounded by
+    // the publish timeout) so none is left half done.
+    while let Some(done) = rounds.next().await {
+        let _ = finish_round(&metrics, done, &mut active, &mut ledger, &mut inflight);
     }
     if let Some(broker) = broker {
         broker.close().await;
@@ -277,21 +303,19 @@ async fn refresh(
     Ok(())
 }
 
-/// One dispatch round: windows per tier, shares per tenant, one fenced
-/// transaction that claims, publishes and marks. Returns how many tasks left.
-#[allow(clippy::too_many_arguments)]
-async fn round(
+/// Plans one dispatch round: windows per tier, shares per tenant. The
+/// picks are counted in flight at once (a round that gets fewer gives the
+/// difference back in `finish_round`).
+async fn plan_round(
     store: &Store,
     config: &Config,
     metrics: &Metrics,
-    broker: &Broker,
-    epoch: i64,
     active: &mut Active,
     ledger: &mut Ledger,
     inflight_cache: &mut Inflight,
-) -> Result<usize, ward_store::Error> {
+) -> Result<Vec<Pick>, ward_store::Error> {
     if active.by_tier.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut blocked = false;
     let refresh_after = Duration::from_millis(if inflight_cache.full {
@@ -303,7 +327,11 @@ async fn round(
         .read_at
         .is_none_or(|at| at.elapsed() >= refresh_after)
     {
-        inflight_cache.counts = store.inflight().await?;
+        let mut counts = store.inflight().await?;
+        for (key, count) in &inflight_cache.outstanding {
+            *counts.entry(key.clone()).or_default() += count;
+        }
+        inflight_cache.counts = counts;
         inflight_cache.read_at = Some(Instant::now());
     }
     let inflight = &inflight_cache.counts;
@@ -349,64 +377,143 @@ async fn round(
     }
     active.blocked = blocked;
     inflight_cache.full = full;
-    if picks.is_empty() {
-        return Ok(0);
-    }
-    let started_at = Instant::now();
-    let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
-    let dispatched_total = &metrics.tasks_dispatched_total;
-    let confirm_seconds = &metrics.publish_confirm_seconds;
-    let dispatched = store
-        .dispatch_picks(epoch, lease(config), &picks, |tasks| async move {
-            let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
-                .iter()
-                .map(|task| (task.tier.as_str(), &task.message))
-                .collect();
-            let publish_started = Instant::now();
-            match tokio::time::timeout(publish_timeout, broker.publish(&messages)).await {
-                Ok(Ok(())) => {
-                    confirm_seconds.observe(publish_started.elapsed().as_secs_f64());
-                    for task in &tasks {
-                        dispatched_total
-                            .with_label_values(&[task.tier.as_str()])
-                            .inc();
-                    }
-                    Ok(())
-                }
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err("publisher confirms timed out".to_owned()),
-            }
-        })
-        .await?;
-    metrics
-        .dispatch_batch_seconds
-        .observe(started_at.elapsed().as_secs_f64());
-    metrics
-        .store_transaction_seconds
-        .with_label_values(&["dispatch"])
-        .observe(started_at.elapsed().as_secs_f64());
-    // A tenant that got fewer than it was offered ran out of ready work.
     for pick in &picks {
-        let got = dispatched.get(&pick.tenant_id).copied().unwrap_or(0) as i64;
-        *inflight_cache
-            .counts
-            .entry((pick.tier.clone(), pick.tenant_id))
-            .or_default() += got;
+        let key = (pick.tier.clone(), pick.tenant_id);
+        *inflight_cache.counts.entry(key.clone()).or_default() += pick.count;
+        *inflight_cache.outstanding.entry(key).or_default() += pick.count;
+    }
+    Ok(picks)
+}
+
+/// One round's fenced transaction: claims the picks' ready runs, publishes
+/// them, waits for the confirms, marks them dispatched.
+fn execute_round(
+    store: Store,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    metrics: Metrics,
+    epoch: i64,
+    picks: Vec<Pick>,
+) -> BoxFuture<'static, RoundDone> {
+    Box::pin(async move {
+        let started_at = Instant::now();
+        let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
+        let dispatched_total = &metrics.tasks_dispatched_total;
+        let confirm_seconds = &metrics.publish_confirm_seconds;
+        let broker = &broker;
+        let result = store
+            .dispatch_picks(epoch, lease(&config), &picks, |tasks| async move {
+                let messages: Vec<(&str, &ward_shared::wire::TaskMessage)> = tasks
+                    .iter()
+                    .map(|task| (task.tier.as_str(), &task.message))
+                    .collect();
+                let publish_started = Instant::now();
+                match tokio::time::timeout(publish_timeout, broker.publish(&messages)).await {
+                    Ok(Ok(())) => {
+                        confirm_seconds.observe(publish_started.elapsed().as_secs_f64());
+                        for task in &tasks {
+                            dispatched_total
+                                .with_label_values(&[task.tier.as_str()])
+                                .inc();
+                        }
+                        Ok(())
+                    }
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("publisher confirms timed out".to_owned()),
+                }
+            })
+            .await;
+        (picks, started_at, result)
+    })
+}
+
+/// Accounts for a round that ended: gives back what its picks did not get,
+/// drops tenants whose ready work ran out. Returns how many tasks it
+/// dispatched (None when it failed), or Err(()) when this epoch is fenced.
+fn finish_round(
+    metrics: &Metrics,
+    (picks, started_at, result): RoundDone,
+    active: &mut Active,
+    ledger: &mut Ledger,
+    inflight_cache: &mut Inflight,
+) -> Result<Option<usize>, ()> {
+    let dispatched = match result {
+        Ok(dispatched) => Some(dispatched),
+        Err(ward_store::Error::Fenced {
+            epoch,
+            epoch_current,
+        }) => {
+            metrics
+                .dispatch_errors_total
+                .with_label_values(&["fenced"])
+                .inc();
+            tracing::error!(
+                epoch,
+                epoch_current,
+                "fenced: a newer leader exists; stopping dispatch"
+            );
+            return Err(());
+        }
+        Err(ward_store::Error::Publish(error)) => {
+            metrics
+                .dispatch_errors_total
+                .with_label_values(&["broker"])
+                .inc();
+            tracing::warn!(%error, "publish failed; reconnecting to the broker");
+            None
+        }
+        Err(error) => {
+            metrics
+                .dispatch_errors_total
+                .with_label_values(&["store"])
+                .inc();
+            tracing::warn!(%error, "dispatch failed");
+            None
+        }
+    };
+    if dispatched.is_some() {
+        metrics
+            .dispatch_batch_seconds
+            .observe(started_at.elapsed().as_secs_f64());
+        metrics
+            .store_transaction_seconds
+            .with_label_values(&["dispatch"])
+            .observe(started_at.elapsed().as_secs_f64());
+    }
+    for pick in &picks {
+        let key = (pick.tier.clone(), pick.tenant_id);
+        if let Some(outstanding) = inflight_cache.outstanding.get_mut(&key) {
+            *outstanding -= pick.count;
+            if *outstanding <= 0 {
+                inflight_cache.outstanding.remove(&key);
+            }
+        }
+        let got = dispatched
+            .as_ref()
+            .and_then(|dispatched| dispatched.get(&pick.tenant_id))
+            .copied()
+            .unwrap_or(0) as i64;
+        if let Some(count) = inflight_cache.counts.get_mut(&key) {
+            *count = (*count - (pick.count - got)).max(0);
+        }
         if got < pick.count {
             if let Some(bucket) = ledger.buckets.get_mut(&pick.tenant_id) {
                 bucket.tokens += (pick.count - got) as f64;
             }
-            ledger.drained(pick.tenant_id);
-            if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
-                tenants.retain(|tenant| tenant.tenant_id != pick.tenant_id);
-                if tenants.is_empty() {
-                    active.by_tier.remove(&pick.tier);
+            // A failed round says nothing about the tenant's ready work.
+            if dispatched.is_some() {
+                ledger.drained(pick.tenant_id);
+                if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
+                    tenants.retain(|tenant| tenant.tenant_id != pick.tenant_id);
+                    if tenants.is_empty() {
+                        active.by_tier.remove(&pick.tier);
+                    }
                 }
+                active.known.remove(&pick.tenant_id);
             }
-            active.known.remove(&pick.tenant_id);
         }
     }
-    Ok(dispatched.values().sum())
+    Ok(dispatched.map(|dispatched| dispatched.values().sum()))
 }
 
 /// The lease of dispatched runs, from the configuration.

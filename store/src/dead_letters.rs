@@ -134,7 +134,10 @@ impl Store {
                 None,
             )
             .await?;
-            if let Completion::Applied { instance_status } = completion {
+            if let Completion::Applied {
+                instance_status, ..
+            } = completion
+            {
                 outcome = DeadLetterOutcome::RunFailed { instance_status };
             }
         }

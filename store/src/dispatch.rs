@@ -507,10 +507,12 @@ pub struct Fired {
 
 impl Fired {
     fn note(&mut self, completion: Option<crate::Completion>) {
-        if let Some(crate::Completion::Applied { instance_status }) = completion {
-            if instance_status != ward_shared::wire::status::RUNNING {
-                self.ended.push(instance_status);
-            }
+        if let Some(crate::Completion::Applied {
+            instance_status,
+            ended: true,
+        }) = completion
+        {
+            self.ended.push(instance_status);
         }
     }
 }

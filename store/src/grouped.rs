@@ -69,6 +69,9 @@ struct Ends {
     status: Vec<&'static str>,
     output: Vec<Option<Value>>,
     error: Vec<Option<String>>,
+    /// Those whose definition has sub-workflow steps (only they can have
+    /// children).
+    parents: Vec<Uuid>,
 }
 
 impl Ends {
@@ -83,6 +86,9 @@ impl Ends {
         self.status.push(new_status);
         self.output.push(output);
         self.error.push(error);
+        if progress::may_have_children(instance) {
+            self.parents.push(instance.id);
+        }
         new_status
     }
 
@@ -105,19 +111,21 @@ impl Ends {
                  cancelled AS (UPDATE task_runs SET state = 'cancelled', finished_at = now() \
                  WHERE instance_id = ANY($2) AND tenant_id = ANY($1) \
                  AND state IN ('ready', 'waiting', 'locked') RETURNING 1) \
-                 SELECT tenant_id, id FROM instances WHERE parent_instance_id = ANY($2) AND tenant_id = ANY($1) \
-                 AND status = 'running'",
+                 SELECT tenant_id, id, status FROM instances WHERE parent_instance_id = ANY($6)",
                 &[
                     &self.tenant_id,
                     &self.id,
                     &self.status,
                     &self.output,
                     &self.error,
+                    &self.parents,
                 ],
             )
             .await?;
+        // Filtered here, not in SQL: only the parent index must serve it.
         let mut children: Vec<(Uuid, Uuid)> = children
             .iter()
+            .filter(|row| row.get::<_, &str>(2) == status::RUNNING)
             .map(|row| (row.get(0), row.get(1)))
             .collect();
         children.sort_unstable_by_key(|(_, id)| *id);

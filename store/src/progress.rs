@@ -24,8 +24,12 @@ pub const DEPTH_MAX: i32 = 8;
 /// What settling a run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
-    /// The result was recorded; the instance now has this status.
-    Applied { instance_status: String },
+    /// The result was recorded; the instance now has this status, and
+    /// `ended` says whether this result ended it (count it once).
+    Applied {
+        instance_status: String,
+        ended: bool,
+    },
     /// The run was no longer in the expected state: a redelivery or a late
     /// answer; nothing changed.
     Duplicate,
@@ -214,10 +218,15 @@ pub(crate) fn settle<'a>(
         if instance.status != status::RUNNING {
             return Ok(Completion::Applied {
                 instance_status: instance.status,
+                ended: false,
             });
         }
         let instance_status = advance(transaction, &instance, true).await?;
-        Ok(Completion::Applied { instance_status })
+        let ended = instance_status != status::RUNNING;
+        Ok(Completion::Applied {
+            instance_status,
+            ended,
+        })
     })
 }
 
@@ -757,20 +766,41 @@ async fn end_instance(
 ) -> Result<(), Error> {
     // One round trip: end the instance, cancel its pending runs, and list
     // its running children (data-modifying CTEs always run to completion).
+    // Children are looked up by the parent index alone (and only when the
+    // definition can start any), their status filtered here.
     let children = transaction
         .query_c(
             "WITH ended AS (UPDATE instances SET status = $1, output = $2, error = $3, updated_at = now(), \
              completed_at = now() WHERE tenant_id = $4 AND id = $5 RETURNING 1), \
              cancelled AS (UPDATE task_runs SET state = 'cancelled', finished_at = now() \
              WHERE tenant_id = $4 AND instance_id = $5 AND state IN ('ready', 'waiting', 'locked') RETURNING 1) \
-             SELECT id FROM instances WHERE tenant_id = $4 AND parent_instance_id = $5 AND status = 'running'",
-            &[&new_status, &output, &error, &instance.tenant_id, &instance.id],
+             SELECT id, status FROM instances WHERE $6 AND parent_instance_id = $5",
+            &[
+                &new_status,
+                &output,
+                &error,
+                &instance.tenant_id,
+                &instance.id,
+                &may_have_children(instance),
+            ],
         )
         .await?;
     for child in children {
-        cancel_orphan(transaction, instance.tenant_id, child.get(0)).await?;
+        if child.get::<_, &str>(1) == status::RUNNING {
+            cancel_orphan(transaction, instance.tenant_id, child.get(0)).await?;
+        }
     }
     Ok(())
+}
+
+/// True when the instance's definition has sub-workflow steps: only then
+/// can it have children.
+pub(crate) fn may_have_children(instance: &Locked) -> bool {
+    instance
+        .definition
+        .steps
+        .iter()
+        .any(|step| step.kind == StepKind::SubWorkflow)
 }
 
 /// Cancels a running child whose parent is ending (it must not settle the

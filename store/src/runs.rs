@@ -294,12 +294,21 @@ impl Store {
             let after = grouped::advance_many(&transaction, &planned).await?;
             statuses.extend(advanced.iter().copied().zip(after));
         }
+        // An instance this commit ended is credited to its last result here
+        // (as if the results were applied one after another).
+        let mut ended: HashSet<Uuid> = advanced
+            .iter()
+            .filter(|id| statuses[*id] != status::RUNNING)
+            .copied()
+            .collect();
         let mut applied = false;
-        for &index in &record.index {
-            if updated.contains(&results[index].task_run_id) {
+        for &index in record.index.iter().rev() {
+            let result = &results[index];
+            if updated.contains(&result.task_run_id) {
                 applied = true;
                 completions[index] = Some(Completion::Applied {
-                    instance_status: statuses[&results[index].instance_id].clone(),
+                    instance_status: statuses[&result.instance_id].clone(),
+                    ended: ended.remove(&result.instance_id),
                 });
             }
         }
@@ -389,7 +398,9 @@ impl Store {
         )
         .await?;
         match completion {
-            Completion::Applied { instance_status } => {
+            Completion::Applied {
+                instance_status, ..
+            } => {
                 transaction.commit().await?;
                 Ok(ExternalOutcome::Applied {
                     instance_status: Some(instance_status),

@@ -221,7 +221,8 @@ async fn group_commit_answers_each_result_and_skips_busy_instances() {
         assert_eq!(
             answer,
             &Some(Completion::Applied {
-                instance_status: "completed".into()
+                instance_status: "completed".into(),
+                ended: true
             })
         );
     }
@@ -239,7 +240,8 @@ async fn group_commit_answers_each_result_and_skips_busy_instances() {
     assert_eq!(
         waiting.await.unwrap().unwrap(),
         vec![Some(Completion::Applied {
-            instance_status: "completed".into()
+            instance_status: "completed".into(),
+            ended: true
         })]
     );
 
@@ -313,7 +315,8 @@ async fn group_commit_answers_each_result_and_skips_busy_instances() {
         answers,
         vec![
             Some(Completion::Applied {
-                instance_status: "completed".into()
+                instance_status: "completed".into(),
+                ended: true
             }),
             Some(Completion::Unknown),
             Some(Completion::Duplicate),
@@ -355,10 +358,8 @@ async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
             "  - {{ id: {branch}, kind: task, handler: noop, needs: [start] }}\n"
         ));
     }
-    yaml.push_str(&format!(
-        "  - {{ id: join, kind: task, handler: noop, needs: [{}] }}\n",
-        branches.join(", ")
-    ));
+    // No join: the instance ends when its last branches finish, often
+    // several in one group commit, and must still be counted once.
     sandbox.publish_yaml(&url, &key, &yaml).await;
     let items: Vec<Value> = (0..20).map(|_| json!({ "definition": "spread" })).collect();
     let (status, body) = sandbox
@@ -380,7 +381,7 @@ async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(runs, 20 * 12, "every step ran once");
+    assert_eq!(runs, 20 * 11, "every step ran once");
 
     let metrics = sandbox.metrics(&format!("http://{worker_addr}")).await;
     let value = |series: &str| -> f64 {
@@ -393,10 +394,15 @@ async fn a_worker_commits_fan_out_branches_in_shared_transactions() {
     };
     let results = value("ward_task_commit_batch_size_sum");
     let transactions = value("ward_task_commit_batch_size_count");
-    assert_eq!(results, 240.0, "every result went through a group commit");
+    assert_eq!(results, 220.0, "every result went through a group commit");
     assert!(
         transactions < results,
         "{results} results in {transactions} transactions: none shared"
+    );
+    assert_eq!(
+        value("ward_instances_finished_total{status=\"completed\"}"),
+        20.0,
+        "each instance counted once"
     );
     sandbox.teardown().await;
 }
@@ -536,11 +542,14 @@ async fn a_parent_that_fails_in_a_group_commit_cancels_the_child_settled_beside_
     assert_eq!(
         answers,
         vec![
+            // The child ended in this commit too: counted once, on its result.
             Some(Completion::Applied {
-                instance_status: "cancelled".into()
+                instance_status: "cancelled".into(),
+                ended: true
             }),
             Some(Completion::Applied {
-                instance_status: "failed".into()
+                instance_status: "failed".into(),
+                ended: true
             }),
         ]
     );

@@ -212,8 +212,12 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
             .await
         {
             Ok(completion) => {
-                if let Completion::Applied { instance_status } = &completion {
-                    if ["completed", "failed", "cancelled"].contains(&instance_status.as_str()) {
+                if let Completion::Applied {
+                    instance_status,
+                    ended,
+                } = &completion
+                {
+                    if *ended {
                         context
                             .metrics
                             .instances_finished_total
