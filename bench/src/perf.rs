@@ -138,6 +138,27 @@ async fn submit_closed(
         .await;
 }
 
+/// The processes' count of completed instances, for the per-second series:
+/// reading it puts no load on the database under test (the window's total
+/// is still counted from the rows, durably committed).
+const COMPLETED_SERIES: &str = "ward_instances_finished_total{status=\"completed\"}";
+
+/// Completions per second over `seconds` seconds, from the processes'
+/// counters.
+async fn completed_series(cluster: &Cluster, seconds: u64) -> Vec<i64> {
+    let mut series = Vec::new();
+    let mut before = cluster.metric_sum(COMPLETED_SERIES).await;
+    let mut next = tokio::time::Instant::now();
+    for _ in 0..seconds {
+        next += Duration::from_secs(1);
+        tokio::time::sleep_until(next).await;
+        let now = cluster.metric_sum(COMPLETED_SERIES).await;
+        series.push((now - before).max(0.0) as i64);
+        before = now;
+    }
+    series
+}
+
 /// Instances completed between two instants (by their `completed_at`).
 async fn completed_between(
     sql: &tokio_postgres::Client,
@@ -185,18 +206,8 @@ async fn sustained(
         let start: DateTime<Utc> = sql.query_one("SELECT now()", &[]).await?.get(0);
         let cpu_master = cluster.cpu_seconds_of("master");
         let cpu_worker = cluster.cpu_seconds_of("worker");
-        let mut series = Vec::new();
-        let mut at = start;
-        for _ in 0..options.measure_s {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let next = at + chrono::Duration::seconds(1);
-            series.push(
-                completed_between(&sql, definition, at, next)
-                    .await
-                    .unwrap_or(0),
-            );
-            at = next;
-        }
+        let series = completed_series(cluster, options.measure_s).await;
+        let at = start + chrono::Duration::seconds(options.measure_s as i64);
         // Let the last second's commits land before counting the window.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let total = completed_between(&sql, definition, start, at).await?;
@@ -509,18 +520,8 @@ async fn backlog(
     tokio::time::sleep(Duration::from_secs(options.warmup_s)).await;
     let ready_at_start = ready_count(&sql).await?;
     let start: DateTime<Utc> = sql.query_one("SELECT now()", &[]).await?.get(0);
-    let mut series = Vec::new();
-    let mut at = start;
-    for _ in 0..options.measure_s {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let next = at + chrono::Duration::seconds(1);
-        series.push(
-            completed_between(&sql, "perf-noop", at, next)
-                .await
-                .unwrap_or(0),
-        );
-        at = next;
-    }
+    let series = completed_series(cluster, options.measure_s).await;
+    let at = start + chrono::Duration::seconds(options.measure_s as i64);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let total = completed_between(&sql, "perf-noop", start, at).await?;
     let ready_at_end = ready_count(&sql).await?;
@@ -746,7 +747,7 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         });
         bar.inc(1);
         let ward_per_s = throughput["instances_per_s"].as_f64().unwrap_or(0.0);
-        let broker_per_s = raw["rabbitmq_publish_and_consume_per_s"].as_f64().unwrap_or(0.0);
+        let broker_per_s = raw["rabbitmq_publish_and_consume_per_s"].as_f64();
         anyhow::Ok(json!({
             "throughput": throughput,
             "workflow_steps": {
@@ -756,7 +757,7 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
             "latency": latency,
             "queries": query,
             "substrate": raw,
-            "ward_share_of_broker": round3(ward_per_s / broker_per_s.max(1.0)),
+            "ward_share_of_broker": broker_per_s.map(|broker_per_s| round3(ward_per_s / broker_per_s.max(1.0))),
             "backlog": drained,
             "resources": resources,
         }))
