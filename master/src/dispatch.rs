@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 
 /// How often the leader refreshes the backlog gauge.
 const BACKLOG_REFRESH_MS: u64 = 5_000;
+/// The periodic reads (backlog gauge, active tenants) wait at least this
+/// many times their last duration before running again: with a backlog of
+/// millions, counting it takes a large share of a core otherwise.
+const REFRESH_COST_FACTOR: u32 = 50;
 /// How often the active-tenant sets are rebuilt from Postgres.
 const ACTIVE_REFRESH_MS: u64 = 1_000;
 /// Shortest interval between rebuilds forced by a newly active tenant.
@@ -91,6 +95,8 @@ pub async fn run(
     let mut listener: Option<Listener> = None;
     let mut broker: Option<Arc<Broker>> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
+    let mut backlog_refresh_every = Duration::from_millis(BACKLOG_REFRESH_MS);
+    let mut active_refresh_every = Duration::from_millis(ACTIVE_REFRESH_MS);
     // A newly active tenant seen too soon after the last rebuild: rebuild as
     // soon as allowed rather than forget it until the periodic one.
     let mut refresh_pending = false;
@@ -148,16 +154,19 @@ pub async fn run(
         }
         let due = active.refreshed_at.is_none_or(|at| {
             let age = at.elapsed();
-            age >= Duration::from_millis(ACTIVE_REFRESH_MS)
+            age >= active_refresh_every
                 || (force_refresh && age >= Duration::from_millis(ACTIVE_REFRESH_MS_MIN))
         });
         refresh_pending = force_refresh && !due;
         let mut failed = false;
         if due {
+            let started = Instant::now();
             if let Err(error) = refresh(&store, &config, &mut active, &mut ledger).await {
                 tracing::warn!(%error, "refresh of active tenants failed");
                 failed = true;
             }
+            active_refresh_every = Duration::from_millis(ACTIVE_REFRESH_MS)
+                .max(started.elapsed() * REFRESH_COST_FACTOR);
         }
         // A broken broker is replaced once no round uses it any more.
         if rounds.is_empty() && broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
@@ -206,10 +215,11 @@ pub async fn run(
                 }
             }
         }
-        if backlog_refreshed_at
-            .is_none_or(|at| at.elapsed() >= Duration::from_millis(BACKLOG_REFRESH_MS))
-        {
+        if backlog_refreshed_at.is_none_or(|at| at.elapsed() >= backlog_refresh_every) {
+            let started = Instant::now();
             refresh_backlog(&store, &metrics, &active.tiers).await;
+            backlog_refresh_every = Duration::from_millis(BACKLOG_REFRESH_MS)
+                .max(started.elapsed() * REFRESH_COST_FACTOR);
             backlog_refreshed_at = Some(Instant::now());
         }
         if failed {
