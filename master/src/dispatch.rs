@@ -22,9 +22,15 @@ use crate::metrics::Metrics;
 /// How often the leader refreshes the backlog gauge.
 const BACKLOG_REFRESH_MS: u64 = 5_000;
 /// The periodic reads (backlog gauge, active tenants) wait at least this
-/// many times their last duration before running again: with a backlog of
-/// millions, counting it takes a large share of a core otherwise.
+/// many times their last duration before running again (up to the caps
+/// below): with a backlog of millions, counting it takes a large share of a
+/// core otherwise.
 const REFRESH_COST_FACTOR: u32 = 50;
+/// Longest wait between backlog counts.
+const BACKLOG_REFRESH_MS_MAX: u64 = 60_000;
+/// Longest wait between rebuilds of the active tenants (work that arrived
+/// without a notification, such as a bulk load, is found within it).
+const ACTIVE_REFRESH_MS_MAX: u64 = 5_000;
 /// How often the active-tenant sets are rebuilt from Postgres.
 const ACTIVE_REFRESH_MS: u64 = 1_000;
 /// Shortest interval between rebuilds forced by a newly active tenant.
@@ -165,8 +171,10 @@ pub async fn run(
                 tracing::warn!(%error, "refresh of active tenants failed");
                 failed = true;
             }
-            active_refresh_every = Duration::from_millis(ACTIVE_REFRESH_MS)
-                .max(started.elapsed() * REFRESH_COST_FACTOR);
+            active_refresh_every = (started.elapsed() * REFRESH_COST_FACTOR).clamp(
+                Duration::from_millis(ACTIVE_REFRESH_MS),
+                Duration::from_millis(ACTIVE_REFRESH_MS_MAX),
+            );
         }
         // A broken broker is replaced once no round uses it any more.
         if rounds.is_empty() && broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
@@ -218,8 +226,10 @@ pub async fn run(
         if backlog_refreshed_at.is_none_or(|at| at.elapsed() >= backlog_refresh_every) {
             let started = Instant::now();
             refresh_backlog(&store, &metrics, &active.tiers).await;
-            backlog_refresh_every = Duration::from_millis(BACKLOG_REFRESH_MS)
-                .max(started.elapsed() * REFRESH_COST_FACTOR);
+            backlog_refresh_every = (started.elapsed() * REFRESH_COST_FACTOR).clamp(
+                Duration::from_millis(BACKLOG_REFRESH_MS),
+                Duration::from_millis(BACKLOG_REFRESH_MS_MAX),
+            );
             backlog_refreshed_at = Some(Instant::now());
         }
         if failed {

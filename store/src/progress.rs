@@ -378,15 +378,7 @@ impl RunRows {
         let step = instance.definition.step(&start.step_id).ok_or_else(|| {
             Error::Corrupt(format!("plan names unknown step `{}`", start.step_id))
         })?;
-        let run = NewRun {
-            id: Uuid::now_v7(),
-            step_id: &step.id,
-            kind: step.kind,
-            handler: step.handler_name(),
-            attempt: start.attempt,
-            input: &start.input,
-            external: step.external,
-        };
+        let run = NewRun::of(step, start);
         if start.skipped {
             self.push(instance, &run, RunState::Skipped, None, None);
             return Ok(());
@@ -530,15 +522,7 @@ async fn insert_start(
         rows.write(transaction).await?;
         return Ok(false);
     }
-    let run = NewRun {
-        id: Uuid::now_v7(),
-        step_id: &step.id,
-        kind: step.kind,
-        handler: step.handler_name(),
-        attempt: start.attempt,
-        input: &start.input,
-        external: step.external,
-    };
+    let run = NewRun::of(step, start);
     match step.kind {
         StepKind::WaitSignal => {
             let signal = step.signal.as_deref().unwrap_or_default();
@@ -650,6 +634,21 @@ struct NewRun<'a> {
     attempt: i32,
     input: &'a Value,
     external: bool,
+}
+
+impl<'a> NewRun<'a> {
+    /// The run of `start`, a step of the definition, with a new id.
+    fn of(step: &'a ward_shared::Step, start: &'a Start) -> NewRun<'a> {
+        NewRun {
+            id: Uuid::now_v7(),
+            step_id: &step.id,
+            kind: step.kind,
+            handler: step.handler_name(),
+            attempt: start.attempt,
+            input: &start.input,
+            external: step.external,
+        }
+    }
 }
 
 /// Inserts the waiting run of a signal or sub-workflow step.
