@@ -204,7 +204,7 @@ pub async fn run(
                 .await
                 {
                     Ok(picks) if picks.is_empty() => {}
-                    Ok(picks) => rounds.push(execute_round(
+                    Ok(picks) => rounds.push(spawn_round(
                         store.clone(),
                         connected.clone(),
                         config.clone(),
@@ -403,6 +403,34 @@ async fn plan_round(
         *inflight_cache.outstanding.entry(key).or_default() += pick.count;
     }
     Ok(picks)
+}
+
+/// Runs a round as its own task, so it moves on (and meets its publish
+/// timeout and transaction bounds) while the loop awaits other reads; the
+/// returned future only waits for it.
+fn spawn_round(
+    store: Store,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    metrics: Metrics,
+    epoch: i64,
+    picks: Vec<Pick>,
+) -> BoxFuture<'static, RoundDone> {
+    let kept = picks.clone();
+    let started_at = Instant::now();
+    let task = tokio::spawn(execute_round(store, broker, config, metrics, epoch, picks));
+    Box::pin(async move {
+        match task.await {
+            Ok(done) => done,
+            Err(error) => (
+                kept,
+                started_at,
+                Err(ward_store::Error::Unavailable(format!(
+                    "dispatch round stopped: {error}"
+                ))),
+            ),
+        }
+    })
 }
 
 /// One round's fenced transaction: claims the picks' ready runs, publishes
