@@ -418,33 +418,9 @@ fn spawn_round(
 ) -> BoxFuture<'static, RoundDone> {
     let kept = picks.clone();
     let started_at = Instant::now();
-    let task = tokio::spawn(execute_round(store, broker, config, metrics, epoch, picks));
-    Box::pin(async move {
-        match task.await {
-            Ok(done) => done,
-            Err(error) => (
-                kept,
-                started_at,
-                Err(ward_store::Error::Unavailable(format!(
-                    "dispatch round stopped: {error}"
-                ))),
-            ),
-        }
-    })
-}
-
-/// One round's fenced transaction: claims the picks' ready runs, publishes
-/// them, waits for the confirms, marks them dispatched.
-fn execute_round(
-    store: Store,
-    broker: Arc<Broker>,
-    config: Arc<Config>,
-    metrics: Metrics,
-    epoch: i64,
-    picks: Vec<Pick>,
-) -> BoxFuture<'static, RoundDone> {
-    Box::pin(async move {
-        let started_at = Instant::now();
+    // The round's fenced transaction: claims the picks' ready runs,
+    // publishes them, waits for the confirms, marks them dispatched.
+    let task = tokio::spawn(async move {
         let publish_timeout = Duration::from_millis(config.amqp.publish_timeout_ms);
         let dispatched_total = &metrics.tasks_dispatched_total;
         let confirm_seconds = &metrics.publish_confirm_seconds;
@@ -472,6 +448,18 @@ fn execute_round(
             })
             .await;
         (picks, started_at, result)
+    });
+    Box::pin(async move {
+        match task.await {
+            Ok(done) => done,
+            Err(error) => (
+                kept,
+                started_at,
+                Err(ward_store::Error::Unavailable(format!(
+                    "dispatch round stopped: {error}"
+                ))),
+            ),
+        }
     })
 }
 
