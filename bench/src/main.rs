@@ -91,6 +91,9 @@ enum Command {
         /// perf[-quick]-only.json.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Scenario 3's offered loads, as shares of scenario 1's maximum.
+        #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.8")]
+        latency_shares: Vec<f64>,
     },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
@@ -131,9 +134,14 @@ async fn main() -> anyhow::Result<()> {
             query_instances,
             backlog_tasks,
             only,
+            latency_shares,
         } => {
             let mut options = perf::Options::new(quick, seed, args.out.clone());
             options.only = only;
+            options.latency_shares = latency_shares
+                .into_iter()
+                .filter(|share| *share > 0.0 && *share <= 2.0)
+                .collect();
             if let Some(backlog_tasks) = backlog_tasks {
                 options.backlog_tasks = backlog_tasks.max(1_000);
             }

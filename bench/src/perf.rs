@@ -38,6 +38,8 @@ pub struct Options {
     /// substrate, backlog. Latency, queries and backlog need throughput's
     /// figure and run it.
     pub only: Vec<String>,
+    /// Scenario 3's offered loads, as shares of scenario 1's maximum.
+    pub latency_shares: Vec<f64>,
 }
 
 impl Options {
@@ -59,6 +61,7 @@ impl Options {
             backlog_tasks: if quick { 100_000 } else { 1_000_000 },
             out,
             only: Vec::new(),
+            latency_shares: vec![0.25, 0.5, 0.8],
         }
     }
 }
@@ -325,7 +328,7 @@ async fn latency_at(
     let sql = cluster.sql().await?;
     let rows = sql
         .query(
-            "SELECT i.id, i.completed_at, r.created_at, r.started_at FROM instances i \
+            "SELECT i.id, i.completed_at, r.created_at, r.started_at, r.dispatched_at FROM instances i \
              JOIN task_runs r ON r.instance_id = i.id WHERE i.id = ANY($1)",
             &[&ids],
         )
@@ -333,20 +336,37 @@ async fn latency_at(
     let intended: std::collections::HashMap<uuid::Uuid, DateTime<Utc>> = sent.into_iter().collect();
     let mut start_ms = Vec::new();
     let mut end_ms = Vec::new();
+    // The two hops of schedule-to-start: until the dispatch round's
+    // transaction began, and from there until a worker took the message.
+    let (mut to_dispatch_ms, mut to_worker_ms) = (Vec::new(), Vec::new());
+    let ms = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        (to - from).num_microseconds().unwrap_or(0) as f64 / 1000.0
+    };
     for row in rows {
         let id: uuid::Uuid = row.get(0);
         let completed: Option<DateTime<Utc>> = row.get(1);
         let created: DateTime<Utc> = row.get(2);
         let begun: Option<DateTime<Utc>> = row.get(3);
+        let dispatched: Option<DateTime<Utc>> = row.get(4);
         if let Some(begun) = begun {
-            start_ms.push((begun - created).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            start_ms.push(ms(created, begun));
+            if let Some(dispatched) = dispatched {
+                to_dispatch_ms.push(ms(created, dispatched));
+                to_worker_ms.push(ms(dispatched, begun));
+            }
         }
         if let (Some(completed), Some(sent)) = (completed, intended.get(&id)) {
             end_ms.push((completed - *sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         }
     }
-    start_ms.sort_by(f64::total_cmp);
-    end_ms.sort_by(f64::total_cmp);
+    for values in [
+        &mut start_ms,
+        &mut end_ms,
+        &mut to_dispatch_ms,
+        &mut to_worker_ms,
+    ] {
+        values.sort_by(f64::total_cmp);
+    }
     let summary = |values: &[f64]| {
         json!({
             "p50": round3(percentile(values, 0.50)),
@@ -361,6 +381,8 @@ async fn latency_at(
         "acknowledged": ids.len(),
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
         "schedule_to_start_ms": summary(&start_ms),
+        "created_to_dispatched_ms": summary(&to_dispatch_ms),
+        "dispatched_to_started_ms": summary(&to_worker_ms),
         "end_to_end_ms": summary(&end_ms),
     }))
 }
@@ -697,8 +719,8 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         let max_per_s = throughput["instances_per_s"].as_f64().unwrap_or(1.0).max(1.0);
         let mut latency = Vec::new();
         if options.wants("latency") {
-            bar.set_message("3. latency at 25 / 50 / 80 % load");
-            for share in [0.25, 0.5, 0.8] {
+            bar.set_message("3. latency at fixed offered loads");
+            for share in options.latency_shares.clone() {
                 let mut figures = latency_at(&cluster, &keys, max_per_s * share, options.measure_s).await?;
                 figures["load_share"] = json!(share);
                 latency.push(figures);
@@ -895,6 +917,19 @@ fn markdown(report: &Value) -> String {
                 latency["end_to_end_ms"]["p90"],
                 latency["end_to_end_ms"]["p99"],
                 latency["end_to_end_ms"]["max"]
+            ),
+        );
+        row(
+            &format!(
+                "3. at {} %: created-to-dispatched / dispatched-to-started p50, p99 ms",
+                (latency["load_share"].as_f64().unwrap_or(0.0) * 100.0).round()
+            ),
+            format!(
+                "{}, {} / {}, {}",
+                latency["created_to_dispatched_ms"]["p50"],
+                latency["created_to_dispatched_ms"]["p99"],
+                latency["dispatched_to_started_ms"]["p50"],
+                latency["dispatched_to_started_ms"]["p99"]
             ),
         );
     }

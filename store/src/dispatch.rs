@@ -120,20 +120,22 @@ impl Store {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
-        check_epoch(&transaction, epoch).await?;
-        let rows = transaction
-            .query_c(
-                "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
-                 coalesce(available_at, created_at), \
-                 (SELECT i.trace_parent FROM instances i WHERE i.id = task_runs.instance_id) FROM task_runs WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&batch_len_max],
-            )
-            .await?;
-        if rows.is_empty() {
+        let transaction = client.transaction().await?;
+        let dispatched = claim_and_publish(
+            &transaction,
+            epoch,
+            lease,
+            "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
+             coalesce(available_at, created_at), \
+             (SELECT i.trace_parent FROM instances i WHERE i.id = task_runs.instance_id) FROM task_runs \
+             WHERE state = 'ready' AND NOT external ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&batch_len_max],
+            publish,
+        )
+        .await?;
+        if dispatched.is_empty() {
             return Ok(0);
         }
-        let dispatched = publish_and_mark(&transaction, epoch, lease, rows, publish).await?;
         transaction.commit().await?;
         Ok(dispatched.values().sum())
     }
@@ -164,20 +166,25 @@ impl Store {
         let tiers: Vec<&str> = picks.iter().map(|pick| pick.tier.as_str()).collect();
         let counts: Vec<i64> = picks.iter().map(|pick| pick.count).collect();
         let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
-        check_epoch(&transaction, epoch).await?;
-        let rows = transaction
-            .query_c(
-                "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
+        let transaction = client.transaction().await?;
+        let dispatched = claim_and_publish(
+            &transaction,
+            epoch,
+            lease,
+            "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
                  r.input, r.kind, r.config, coalesce(r.available_at, r.created_at), \
                  (SELECT i.trace_parent FROM instances i WHERE i.id = r.instance_id) \
                  FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS pick (tenant_id, tier, take) \
                  CROSS JOIN LATERAL (SELECT * FROM task_runs t WHERE t.tier = pick.tier AND t.tenant_id = pick.tenant_id \
                    AND t.state = 'ready' AND NOT t.external ORDER BY t.instance_id, t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
-                &[&tenants, &tiers, &counts],
-            )
-            .await?;
-        let dispatched = publish_and_mark(&transaction, epoch, lease, rows, publish).await?;
+            &[
+                &tenants,
+                &tiers,
+                &counts,
+            ],
+            publish,
+        )
+        .await?;
         transaction.commit().await?;
         Ok(dispatched)
     }
@@ -528,12 +535,24 @@ pub struct Pick {
     pub count: i64,
 }
 
-/// Publishes the claimed rows and marks them dispatched in `transaction`.
-async fn publish_and_mark<F, Fut, E>(
+/// The dispatch transaction's first round trip: its scope (every tenant)
+/// and idle bound, the fence (the epoch row locked in share mode) and the
+/// claim, pipelined on the connection (the server runs them in this order).
+/// `claim_sql` locks the ready runs it claims and returns them; once
+/// `publish` (which gets them) returns Ok, one UPDATE marks them dispatched.
+/// Nothing of it lasts unless the caller commits, which it does only after
+/// this returns Ok, so only when the epoch matched. Returns how many runs
+/// were claimed per tenant.
+///
+/// The runs are marked after the confirms, not in the claim: a claim that
+/// wrote the new row versions at once, before waiting for the broker,
+/// tripled scenario 3's p99 in an A/B run (bench/results/perf.md).
+async fn claim_and_publish<F, Fut, E>(
     transaction: &deadpool_postgres::Transaction<'_>,
     epoch: i64,
     lease: Lease,
-    rows: Vec<tokio_postgres::Row>,
+    claim_sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     publish: F,
 ) -> Result<HashMap<Uuid, usize>, Error>
 where
@@ -541,22 +560,35 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (fence, claim) = futures::future::try_join(
+        transaction.prepare_cached(FENCE_SQL),
+        transaction.prepare_cached(claim_sql),
+    )
+    .await?;
+    // The transaction waits idle for the confirms: allow that, and no more.
+    let idle_ms = lease
+        .publish_ms
+        .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
+        + PUBLISH_IDLE_MARGIN_MS;
+    let scope = format!(
+        "SELECT set_config('ward.tenant_id', '', true), set_config('ward.tenant_ids', '', true), \
+         set_config('ward.system', 'on', true), \
+         set_config('idle_in_transaction_session_timeout', '{idle_ms}', true)"
+    );
+    // `join`, not `try_join`: every request goes out on the first poll.
+    let (scoped, fence, claimed) = futures::join!(
+        transaction.batch_execute(&scope),
+        transaction.query_opt(&fence, &[]),
+        transaction.query(&claim, params),
+    );
+    scoped?;
+    compare_epoch(epoch, fence?)?;
+    let rows = claimed?;
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
-    // The transaction waits idle for the confirms: allow that, and no more.
-    transaction
-        .batch_execute(&format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}",
-            lease
-                .publish_ms
-                .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
-                + PUBLISH_IDLE_MARGIN_MS
-        ))
-        .await?;
-    let ids: Vec<Uuid> = rows.iter().map(|row| row.get(0)).collect();
     let mut per_tenant: HashMap<Uuid, usize> = HashMap::new();
-    let tasks: Vec<ReadyTask> = rows
+    let mut tasks: Vec<ReadyTask> = rows
         .into_iter()
         .map(|row| {
             let kind: String = row.get(9);
@@ -599,6 +631,10 @@ where
             }
         })
         .collect();
+    // An UPDATE returns rows in no set order: publish the oldest
+    // instances' runs first, as they were picked.
+    tasks.sort_by_key(|task| (task.message.instance_id, task.message.ready_at));
+    let ids: Vec<Uuid> = tasks.iter().map(|task| task.message.task_run_id).collect();
     publish(tasks)
         .await
         .map_err(|error| Error::Publish(error.into()))?;
@@ -613,16 +649,11 @@ where
     Ok(per_tenant)
 }
 
-/// Locks the epoch row in share mode and compares: a newer leader's
-/// `claim_epoch` must wait for this transaction, and this transaction fails if
-/// a newer leader already claimed.
-async fn check_epoch(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    epoch: i64,
-) -> Result<(), Error> {
-    let row = transaction
-        .query_opt_c("SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE", &[])
-        .await?;
+/// Reads the current epoch, locking its row in share mode (see `check_epoch`).
+const FENCE_SQL: &str = "SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE";
+
+/// Fails with `Fenced` unless the epoch row read says `epoch`.
+fn compare_epoch(epoch: i64, row: Option<tokio_postgres::Row>) -> Result<(), Error> {
     let epoch_current: i64 = row.map(|row| row.get(0)).unwrap_or_default();
     if epoch_current != epoch {
         return Err(Error::Fenced {
@@ -631,4 +662,14 @@ async fn check_epoch(
         });
     }
     Ok(())
+}
+
+/// Locks the epoch row in share mode and compares: a newer leader's
+/// `claim_epoch` must wait for this transaction, and this transaction fails if
+/// a newer leader already claimed.
+async fn check_epoch(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    epoch: i64,
+) -> Result<(), Error> {
+    compare_epoch(epoch, transaction.query_opt_c(FENCE_SQL, &[]).await?)
 }

@@ -138,13 +138,44 @@ pub(crate) async fn scoped<'c>(
         Scope::System => (String::new(), String::new(), "on"),
     };
     transaction
-        .execute_c(
-            "SELECT set_config('ward.tenant_id', $1, true), set_config('ward.tenant_ids', $2, true), \
-             set_config('ward.system', $3, true)",
-            &[&tenant, &tenants, &system],
-        )
+        .execute_c(SCOPE_SQL, &[&tenant, &tenants, &system])
         .await?;
     Ok(transaction)
+}
+
+/// Sets a transaction's scope: tenant, tenants, system (each local to it).
+const SCOPE_SQL: &str = "SELECT set_config('ward.tenant_id', $1, true), \
+     set_config('ward.tenant_ids', $2, true), set_config('ward.system', $3, true)";
+
+/// Runs one tenant's reads in a read-only transaction scoped to it, in ONE
+/// round trip: BEGIN, the scope, the reads and COMMIT are pipelined on the
+/// connection, and the server runs them in that order. `reads` must send
+/// every request on its first poll: queries of statements prepared
+/// beforehand (`prepare_cached`), joined. All four go out even when one
+/// fails, so the transaction always ends (an aborted one's COMMIT rolls
+/// back).
+pub(crate) async fn read_scoped<T, Reads>(
+    client: &deadpool_postgres::ClientWrapper,
+    tenant_id: uuid::Uuid,
+    reads: Reads,
+) -> Result<T, Error>
+where
+    Reads: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let scope = client.prepare_cached(SCOPE_SQL).await?;
+    let tenant = tenant_id.to_string();
+    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&tenant, &"", &""];
+    let (begun, scoped, read, committed) = futures::join!(
+        client.batch_execute("BEGIN READ ONLY"),
+        client.execute(&scope, &scope_params),
+        reads,
+        client.batch_execute("COMMIT"),
+    );
+    begun?;
+    scoped?;
+    let read = read?;
+    committed?;
+    Ok(read)
 }
 
 /// A handle on the store; cheap to clone.

@@ -19,7 +19,7 @@ use ward_shared::engine::Run;
 use crate::Cached;
 use crate::grouped;
 use crate::progress::{self, Locked, Settlement};
-use crate::{Error, Scope, Store, Tenant, scoped};
+use crate::{Error, Scope, Store, Tenant, read_scoped, scoped};
 
 /// Most instances one list page returns.
 pub const LIST_LIMIT_MAX: i64 = 200;
@@ -235,23 +235,29 @@ impl Store {
         tenant: &Tenant,
         instance_id: Uuid,
     ) -> Result<Option<InstanceView>, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
-        // Both reads pipelined on the connection: one round trip, one snapshot
-        // each (READ COMMITTED; the runs may be a little newer, never older).
-        let (row, steps) = futures::future::try_join(
-            transaction.query_opt_c(
+        let client = self.pool.get().await?;
+        let (instance, runs) = futures::future::try_join(
+            client.prepare_cached(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.input, i.output, i.error, \
                  i.business_key, i.parent_instance_id, i.created_at, i.updated_at, i.completed_at, i.trace_parent \
                  FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND i.id = $2",
-                &[&tenant.id, &instance_id],
             ),
-            transaction.query_c(
+            client.prepare_cached(
                 "SELECT id, step_id, kind, handler, attempt, state, idempotency_key, input, output, error, \
                  retryable, available_at, child_instance_id, created_at, dispatched_at, started_at, finished_at \
                  FROM task_runs WHERE tenant_id = $1 AND instance_id = $2 ORDER BY created_at, id",
-                &[&tenant.id, &instance_id],
+            ),
+        )
+        .await?;
+        // Both reads in one round trip with their transaction; one snapshot
+        // each (READ COMMITTED; the runs may be a little newer, never older).
+        let (row, steps) = read_scoped(
+            &client,
+            tenant.id,
+            futures::future::try_join(
+                client.query_opt(&instance, &[&tenant.id, &instance_id]),
+                client.query(&runs, &[&tenant.id, &instance_id]),
             ),
         )
         .await?;
@@ -280,7 +286,6 @@ impl Store {
                 finished_at: step.get(16),
             })
             .collect();
-        transaction.commit().await?;
         Ok(Some(InstanceView {
             id: row.get(0),
             definition: row.get(1),
@@ -309,20 +314,36 @@ impl Store {
         tenant: &Tenant,
         filter: &ListFilter,
     ) -> Result<InstanceList, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
-        // The best index depends on which filters are set: plan per call
-        // (the setting and the query pipelined on the connection, in order).
-        let (_, rows) = futures::future::try_join(
-            client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
-            client.query_c(
+        let page = client
+            .prepare_cached(
                 "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
                  i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
                  WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.definition_name = $2) \
                  AND ($3::text IS NULL OR i.status = $3) AND ($4::text IS NULL OR i.business_key = $4) \
                  AND ($5::uuid IS NULL OR i.id < $5) ORDER BY i.id DESC LIMIT $6",
-                &[&tenant.id, &filter.definition, &filter.status, &filter.business_key, &filter.before, &(limit + 1)],
+            )
+            .await?;
+        // The best index depends on which filters are set: plan per call.
+        // The setting and the query go out with their transaction: one
+        // round trip.
+        let (_, rows) = read_scoped(
+            &client,
+            tenant.id,
+            futures::future::try_join(
+                client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+                client.query(
+                    &page,
+                    &[
+                        &tenant.id,
+                        &filter.definition,
+                        &filter.status,
+                        &filter.business_key,
+                        &filter.before,
+                        &(limit + 1),
+                    ],
+                ),
             ),
         )
         .await?;
