@@ -258,6 +258,38 @@ async fn sustained(
 /// submitted together at its end.
 const LATENCY_TICK_MS: u64 = 10;
 
+/// Stages of scenario 3's path whose mean duration it prints, from the
+/// processes' histograms: (name, sum series, count series).
+const STAGES: [(&str, &str, &str); 3] = [
+    (
+        "batch_start_tx",
+        "ward_store_transaction_seconds_sum{op=\"start_instances\"}",
+        "ward_store_transaction_seconds_count{op=\"start_instances\"}",
+    ),
+    (
+        "dispatch_round",
+        "ward_dispatch_batch_seconds_sum",
+        "ward_dispatch_batch_seconds_count",
+    ),
+    (
+        "publish_confirm",
+        "ward_publish_confirm_seconds_sum",
+        "ward_publish_confirm_seconds_count",
+    ),
+];
+
+/// The (sum, count) of each of `STAGES` over every process.
+async fn stage_totals(cluster: &Cluster) -> Vec<(f64, f64)> {
+    let mut totals = Vec::with_capacity(STAGES.len());
+    for (_, sum, count) in STAGES {
+        totals.push((
+            cluster.metric_sum(sum).await,
+            cluster.metric_sum(count).await,
+        ));
+    }
+    totals
+}
+
 /// Scenario 3: open-loop sends at `rate_per_s` for the window; latency from
 /// each send's intended time (no coordinated omission).
 async fn latency_at(
@@ -266,6 +298,7 @@ async fn latency_at(
     rate_per_s: f64,
     window_s: u64,
 ) -> anyhow::Result<Value> {
+    let stages_before = stage_totals(cluster).await;
     let started = Instant::now();
     let started_wall = Utc::now();
     let count = (rate_per_s * window_s as f64).round() as usize;
@@ -325,6 +358,16 @@ async fn latency_at(
     cluster
         .wait_ids_ended(Some(&ids), Duration::from_secs(120))
         .await?;
+    // Mean duration of each stage over the window (and its drain).
+    let mut stage_means = serde_json::Map::new();
+    for ((name, _, _), ((sum_before, count_before), (sum_after, count_after))) in STAGES
+        .iter()
+        .zip(stages_before.into_iter().zip(stage_totals(cluster).await))
+    {
+        let count = count_after - count_before;
+        let mean_ms = (count > 0.0).then(|| round3((sum_after - sum_before) / count * 1000.0));
+        stage_means.insert((*name).to_owned(), json!(mean_ms));
+    }
     let sql = cluster.sql().await?;
     let rows = sql
         .query(
@@ -383,6 +426,7 @@ async fn latency_at(
         "schedule_to_start_ms": summary(&start_ms),
         "created_to_dispatched_ms": summary(&to_dispatch_ms),
         "dispatched_to_started_ms": summary(&to_worker_ms),
+        "stage_mean_ms": stage_means,
         "end_to_end_ms": summary(&end_ms),
     }))
 }
@@ -930,6 +974,18 @@ fn markdown(report: &Value) -> String {
                 latency["created_to_dispatched_ms"]["p99"],
                 latency["dispatched_to_started_ms"]["p50"],
                 latency["dispatched_to_started_ms"]["p99"]
+            ),
+        );
+        row(
+            &format!(
+                "3. at {} %: mean batch-start transaction / dispatch round / publisher confirm ms",
+                (latency["load_share"].as_f64().unwrap_or(0.0) * 100.0).round()
+            ),
+            format!(
+                "{} / {} / {}",
+                latency["stage_mean_ms"]["batch_start_tx"],
+                latency["stage_mean_ms"]["dispatch_round"],
+                latency["stage_mean_ms"]["publish_confirm"]
             ),
         );
     }

@@ -588,7 +588,7 @@ where
         return Ok(HashMap::new());
     }
     let mut per_tenant: HashMap<Uuid, usize> = HashMap::new();
-    let mut tasks: Vec<ReadyTask> = rows
+    let tasks: Vec<ReadyTask> = rows
         .into_iter()
         .map(|row| {
             let kind: String = row.get(9);
@@ -631,9 +631,6 @@ where
             }
         })
         .collect();
-    // An UPDATE returns rows in no set order: publish the oldest
-    // instances' runs first, as they were picked.
-    tasks.sort_by_key(|task| (task.message.instance_id, task.message.ready_at));
     let ids: Vec<Uuid> = tasks.iter().map(|task| task.message.task_run_id).collect();
     publish(tasks)
         .await

@@ -151,7 +151,9 @@ const SCOPE_SQL: &str = "SELECT set_config('ward.tenant_id', $1, true), \
 /// round trip: BEGIN, the scope, the reads and COMMIT are pipelined on the
 /// connection, and the server runs them in that order. `reads` must send
 /// every request on its first poll: queries of statements prepared
-/// beforehand (`prepare_cached`), joined. All four go out even when one
+/// beforehand (`prepare_cached`), joined; never `query_c` and the like,
+/// whose statement, on a cache miss, would be prepared first and run after
+/// the COMMIT, outside the scope (so see nothing). All four go out even when one
 /// fails, so the transaction always ends (an aborted one's COMMIT rolls
 /// back).
 pub(crate) async fn read_scoped<T, Reads>(
