@@ -79,12 +79,7 @@ impl Cluster {
             if index == 0 {
                 cluster.url = url.clone();
                 // The first master migrates the schema before the others start.
-                wait_ready(
-                    &cluster.http,
-                    &format!("{url}/readyz"),
-                    Duration::from_secs(60),
-                )
-                .await?;
+                cluster.wait_started(&url, Duration::from_secs(60)).await?;
             }
             ready_urls.push(url);
         }
@@ -99,14 +94,47 @@ impl Cluster {
         }
         cluster.process_urls = ready_urls.clone();
         for url in &ready_urls {
-            wait_ready(
-                &cluster.http,
-                &format!("{url}/readyz"),
-                Duration::from_secs(60),
-            )
-            .await?;
+            cluster.wait_started(url, Duration::from_secs(60)).await?;
         }
         Ok(cluster)
+    }
+
+    /// Waits until the process at `url` answers ready. Fails at once, with
+    /// the head of its log, when one of the cluster's processes exited
+    /// meanwhile (a missing database, a broker refusing the login), rather
+    /// than after the whole timeout.
+    async fn wait_started(&mut self, url: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(response) = self.http.get(format!("{url}/readyz")).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            for (role, child) in &mut self.children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log_path =
+                        std::env::temp_dir().join(format!("ward-bench-{}-{role}.log", self.name));
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    let head: Vec<&str> = log
+                        .lines()
+                        .take_while(|line| !line.starts_with("Stack backtrace"))
+                        .filter(|line| !line.trim().is_empty())
+                        .take(LOG_HEAD_LINES)
+                        .collect();
+                    anyhow::bail!(
+                        "{role} exited ({status}) before it was ready; {}:\n{}",
+                        log_path.display(),
+                        head.join("\n")
+                    );
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{url}/readyz not ready after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The sum of every series of the counter or gauge `name` over every
@@ -418,6 +446,10 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Lines of an exited process's log shown when it never became ready.
+const LOG_HEAD_LINES: usize = 12;
+
+/// Waits until `url` answers with a success status, up to `timeout`.
 pub async fn wait_ready(
     http: &reqwest::Client,
     url: &str,
