@@ -486,7 +486,7 @@ impl RunRows {
              $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::bool[], $13::jsonb[], $14::bigint[]) \
              AS v (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
              input, external, config, wait_ms) \
-             ON CONFLICT (idempotency_key, attempt) DO NOTHING",
+             ON CONFLICT (instance_id, idempotency_key, attempt) DO NOTHING",
             &params,
         );
         let notify = async {
