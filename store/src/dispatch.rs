@@ -15,7 +15,7 @@ use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
 use crate::Cached;
 use crate::progress::{self, Settlement};
-use crate::{Error, READY_CHANNEL, Scope, Store, Tenant, scoped};
+use crate::{Error, READY_CHANNEL, SCOPE_SQL, Scope, Store, Tenant, scoped};
 
 /// A ready task claimed for dispatch, with the tier queue it goes to.
 #[derive(Debug, Clone)]
@@ -546,7 +546,7 @@ pub struct Pick {
 ///
 /// The runs are marked after the confirms, not in the claim: a claim that
 /// wrote the new row versions at once, before waiting for the broker,
-/// tripled scenario 3's p99 in an A/B run (bench/results/perf.md).
+/// tripled scenario 3's p99 in alternating A/B runs (CHANGELOG).
 async fn claim_and_publish<F, Fut, E>(
     transaction: &deadpool_postgres::Transaction<'_>,
     epoch: i64,
@@ -560,28 +560,32 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (fence, claim) = futures::future::try_join(
+    let (scope, fence, claim) = futures::future::try_join3(
+        transaction.prepare_cached(SCOPE_SQL),
         transaction.prepare_cached(FENCE_SQL),
         transaction.prepare_cached(claim_sql),
     )
     .await?;
+    let (tenant, tenants, system) = Scope::System.settings();
+    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&tenant, &tenants, &system];
     // The transaction waits idle for the confirms: allow that, and no more.
-    let idle_ms = lease
-        .publish_ms
-        .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
-        + PUBLISH_IDLE_MARGIN_MS;
-    let scope = format!(
-        "SELECT set_config('ward.tenant_id', '', true), set_config('ward.tenant_ids', '', true), \
-         set_config('ward.system', 'on', true), \
-         set_config('idle_in_transaction_session_timeout', '{idle_ms}', true)"
+    let idle_bound = format!(
+        "SET LOCAL idle_in_transaction_session_timeout = {}",
+        lease
+            .publish_ms
+            .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
+            + PUBLISH_IDLE_MARGIN_MS
     );
     // `join`, not `try_join`: every request goes out on the first poll.
-    let (scoped, fence, claimed) = futures::join!(
-        transaction.batch_execute(&scope),
+    let (scoped, bounded, fence, claimed) = futures::join!(
+        transaction.execute(&scope, &scope_params),
+        transaction.batch_execute(&idle_bound),
         transaction.query_opt(&fence, &[]),
         transaction.query(&claim, params),
     );
     scoped?;
+    bounded?;
     compare_epoch(epoch, fence?)?;
     let rows = claimed?;
     if rows.is_empty() {

@@ -124,27 +124,35 @@ pub(crate) async fn scoped<'c>(
     scope: Scope<'_>,
 ) -> Result<deadpool_postgres::Transaction<'c>, Error> {
     let transaction = client.transaction().await?;
-    let (tenant, tenants, system) = match scope {
-        Scope::Tenant(tenant_id) => (tenant_id.to_string(), String::new(), ""),
-        Scope::Tenants(tenant_ids) => (
-            String::new(),
-            tenant_ids
-                .iter()
-                .map(uuid::Uuid::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-            "",
-        ),
-        Scope::System => (String::new(), String::new(), "on"),
-    };
+    let (tenant, tenants, system) = scope.settings();
     transaction
         .execute_c(SCOPE_SQL, &[&tenant, &tenants, &system])
         .await?;
     Ok(transaction)
 }
 
+impl Scope<'_> {
+    /// The values of `SCOPE_SQL`'s parameters: tenant, tenants, system.
+    pub(crate) fn settings(self) -> (String, String, &'static str) {
+        match self {
+            Scope::Tenant(tenant_id) => (tenant_id.to_string(), String::new(), ""),
+            Scope::Tenants(tenant_ids) => (
+                String::new(),
+                tenant_ids
+                    .iter()
+                    .map(uuid::Uuid::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "",
+            ),
+            Scope::System => (String::new(), String::new(), "on"),
+        }
+    }
+}
+
 /// Sets a transaction's scope: tenant, tenants, system (each local to it).
-const SCOPE_SQL: &str = "SELECT set_config('ward.tenant_id', $1, true), \
+/// Its parameters come from `Scope::settings`.
+pub(crate) const SCOPE_SQL: &str = "SELECT set_config('ward.tenant_id', $1, true), \
      set_config('ward.tenant_ids', $2, true), set_config('ward.system', $3, true)";
 
 /// Runs one tenant's reads in a read-only transaction scoped to it, in ONE
@@ -165,8 +173,9 @@ where
     Reads: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 {
     let scope = client.prepare_cached(SCOPE_SQL).await?;
-    let tenant = tenant_id.to_string();
-    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&tenant, &"", &""];
+    let (tenant, tenants, system) = Scope::Tenant(tenant_id).settings();
+    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&tenant, &tenants, &system];
     let (begun, scoped, read, committed) = futures::join!(
         client.batch_execute("BEGIN READ ONLY"),
         client.execute(&scope, &scope_params),
