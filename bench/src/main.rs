@@ -94,6 +94,11 @@ enum Command {
         /// Scenario 3's offered loads, as shares of scenario 1's maximum.
         #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.8")]
         latency_shares: Vec<f64>,
+        /// Take this as scenario 1's maximum (tasks/s) instead of measuring
+        /// it, so scenarios 3, 4, 5 and 7 offer the same load in every run
+        /// (A/B comparisons). Scenario 1 is then skipped.
+        #[arg(long)]
+        max_per_s: Option<f64>,
     },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
@@ -135,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             backlog_tasks,
             only,
             latency_shares,
+            max_per_s,
         } => {
             let mut options = perf::Options::new(quick, seed, args.out.clone());
             options.only = only;
@@ -145,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(backlog_tasks) = backlog_tasks {
                 options.backlog_tasks = backlog_tasks.max(1_000);
             }
+            options.max_per_s = max_per_s.filter(|max| *max >= 1.0);
             if let Some(measure_s) = measure_s {
                 options.measure_s = measure_s.max(1);
             }

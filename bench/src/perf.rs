@@ -35,11 +35,14 @@ pub struct Options {
     pub backlog_tasks: i64,
     pub out: std::path::PathBuf,
     /// Scenarios to run (empty: all): throughput, steps, latency, queries,
-    /// substrate, backlog. Latency, queries and backlog need throughput's
-    /// figure and run it.
+    /// substrate, backlog. Latency, queries, substrate (for its latency
+    /// floor at scenario 3's loads) and backlog need throughput's figure
+    /// and run it.
     pub only: Vec<String>,
     /// Scenario 3's offered loads, as shares of scenario 1's maximum.
     pub latency_shares: Vec<f64>,
+    /// Scenario 1's maximum given instead of measured (scenario 1 skipped).
+    pub max_per_s: Option<f64>,
 }
 
 impl Options {
@@ -62,6 +65,7 @@ impl Options {
             out,
             only: Vec::new(),
             latency_shares: vec![0.25, 0.5, 0.8],
+            max_per_s: None,
         }
     }
 }
@@ -209,7 +213,9 @@ async fn sustained(
         let start: DateTime<Utc> = sql.query_one("SELECT now()", &[]).await?.get(0);
         let cpu_master = cluster.cpu_seconds_of("master");
         let cpu_worker = cluster.cpu_seconds_of("worker");
+        let usage = Usage::read(&sql).await?;
         let series = completed_series(cluster, options.measure_s).await;
+        let usage = usage.since(&sql).await?;
         let at = start + chrono::Duration::seconds(options.measure_s as i64);
         // Let the last second's commits land before counting the window.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -219,7 +225,7 @@ async fn sustained(
             cluster.cpu_seconds_of("worker") - cpu_worker,
         );
         stop.store(true, Ordering::Relaxed);
-        anyhow::Ok((total, series, cpu))
+        anyhow::Ok((total, series, cpu, usage))
     };
     let (result, (), watched) = tokio::join!(
         measure,
@@ -235,7 +241,7 @@ async fn sustained(
         watch_backlog
     );
     watched?;
-    let (total, series, (cpu_master, cpu_worker)) = result?;
+    let (total, series, (cpu_master, cpu_worker), usage) = result?;
     // Drain what is left so the next scenario starts from an empty queue.
     cluster
         .wait_ids_ended(None, Duration::from_secs(300))
@@ -251,7 +257,65 @@ async fn sustained(
         "cpu_s_master": round3(cpu_master),
         "cpu_s_worker": round3(cpu_worker),
         "accepted_total": accepted.load(Ordering::Relaxed),
+        "machine_cpu_busy_share": round3(usage.busy_share),
+        "postgres_commits_per_task": round3(usage.commits / (total as f64).max(1.0)),
     }))
+}
+
+/// What a window cost the machine: the share of all cores busy (from
+/// `/proc/stat`) and the transactions the database committed.
+struct Usage {
+    busy_share: f64,
+    commits: f64,
+    cpu: (u64, u64),
+}
+
+impl Usage {
+    /// The counters now (`busy_share` and `commits` are totals so far).
+    async fn read(sql: &tokio_postgres::Client) -> anyhow::Result<Usage> {
+        let commits: i64 = sql
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await?
+            .get(0);
+        // busy and idle jiffies: user nice system [idle iowait] irq softirq steal
+        let cpu = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|text| {
+                let fields: Vec<u64> = text
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|field| field.parse().ok())
+                    .collect();
+                let idle = fields.get(3)? + fields.get(4)?;
+                let busy = fields.iter().take(8).sum::<u64>() - idle;
+                Some((busy, idle))
+            })
+            .unwrap_or_default();
+        Ok(Usage {
+            busy_share: 0.0,
+            commits: commits as f64,
+            cpu,
+        })
+    }
+
+    /// The usage between `self` and now. Postgres publishes its counters
+    /// with up to a second's delay: over a window of tens of seconds that
+    /// is a few per cent.
+    async fn since(&self, sql: &tokio_postgres::Client) -> anyhow::Result<Usage> {
+        let now = Usage::read(sql).await?;
+        let busy = now.cpu.0.saturating_sub(self.cpu.0) as f64;
+        let idle = now.cpu.1.saturating_sub(self.cpu.1) as f64;
+        Ok(Usage {
+            busy_share: busy / (busy + idle).max(1.0),
+            commits: now.commits - self.commits,
+            cpu: now.cpu,
+        })
+    }
 }
 
 /// Scenario 3's batching tick: instances intended within one tick are
@@ -299,6 +363,7 @@ async fn latency_at(
     window_s: u64,
 ) -> anyhow::Result<Value> {
     let stages_before = stage_totals(cluster).await;
+    let usage = Usage::read(&cluster.sql().await?).await?;
     let started = Instant::now();
     let started_wall = Utc::now();
     let count = (rate_per_s * window_s as f64).round() as usize;
@@ -354,6 +419,8 @@ async fn latency_at(
             sent.extend(pairs);
         }
     }
+    // The sends are over: the window's usage (the last ones still run).
+    let usage = usage.since(&cluster.sql().await?).await?;
     let ids: Vec<uuid::Uuid> = sent.iter().map(|(id, _)| *id).collect();
     cluster
         .wait_ids_ended(Some(&ids), Duration::from_secs(120))
@@ -427,6 +494,8 @@ async fn latency_at(
         "created_to_dispatched_ms": summary(&to_dispatch_ms),
         "dispatched_to_started_ms": summary(&to_worker_ms),
         "stage_mean_ms": stage_means,
+        "machine_cpu_busy_share": round3(usage.busy_share),
+        "postgres_commits_per_task": round3(usage.commits / (count as f64).max(1.0)),
         "end_to_end_ms": summary(&end_ms),
     }))
 }
@@ -717,6 +786,178 @@ async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Re
     }))
 }
 
+/// Postgres connections of the substrate's latency floor; each takes
+/// the ticks' INSERTs pipelined, one implicit transaction per statement.
+const FLOOR_CONNECTIONS: usize = 4;
+/// Ticks of the latency floor in flight at once (commit, publish, confirm).
+const FLOOR_TICKS_IN_FLIGHT_MAX: usize = 64;
+
+/// Scenario 5's latency floor: the least that schedule-to-start can be on
+/// this substrate, at `rate_per_s`, with nothing of Ward in the path. As in
+/// scenario 3, the sends of each 10 ms tick go out together: one Postgres
+/// commit of one row per send (the ready task, `synchronous_commit` on),
+/// then one persistent message per row published to a quorum queue with
+/// confirms; a consumer takes and acks them. Measured from the moment the
+/// commit's statement is sent (as a run's `created_at` is its start
+/// transaction's) to the delivery: p50/p90/p99/max, and the commit alone.
+async fn substrate_floor(
+    services: &Services,
+    name: &str,
+    rate_per_s: f64,
+    window_s: u64,
+) -> anyhow::Result<Value> {
+    let settings = ward_broker::Settings {
+        url: services.amqp_url.clone(),
+        queue_prefix: format!("{name}.floor."),
+        delivery_limit: 20,
+    };
+    let tiers = vec!["floor".to_owned()];
+    let publisher = Arc::new(ward_broker::Broker::connect(&settings).await?);
+    publisher.declare(&tiers).await?;
+    let consumer = ward_broker::Broker::connect(&settings).await?;
+    let mut inbox = consumer.consume("floor", 1_000, "floor-consumer").await?;
+    let count = (rate_per_s * window_s as f64).round() as usize;
+    let delivered_ms = Arc::new(std::sync::Mutex::new(Vec::<f64>::with_capacity(count)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (into, stop_consumer) = (delivered_ms.clone(), stop.clone());
+    let consume = tokio::spawn(async move {
+        while !stop_consumer.load(Ordering::Relaxed) {
+            match tokio::time::timeout(Duration::from_millis(200), inbox.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    let at = Utc::now();
+                    let origin =
+                        serde_json::from_slice::<ward_shared::wire::TaskMessage>(delivery.body())
+                            .ok()
+                            .and_then(|message| message.input["origin_us"].as_i64())
+                            .and_then(DateTime::<Utc>::from_timestamp_micros);
+                    if let Some(origin) = origin
+                        && let Ok(mut delivered) = into.lock()
+                    {
+                        delivered
+                            .push((at - origin).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                    }
+                    let _ = delivery.ack().await;
+                }
+                Ok(_) => break,
+                Err(_) => {}
+            }
+        }
+        inbox.close().await;
+    });
+
+    let table = format!("{}_floor", name.replace('-', "_"));
+    let mut clients = Vec::with_capacity(FLOOR_CONNECTIONS);
+    for _ in 0..FLOOR_CONNECTIONS {
+        let (client, connection) =
+            tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        clients.push(Arc::new(client));
+    }
+    clients[0]
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (k bigint PRIMARY KEY, v text)"
+        ))
+        .await?;
+    let insert = format!("INSERT INTO {table} (k, v) SELECT k, 'x' FROM unnest($1::bigint[]) AS k");
+    let interval = 1.0 / rate_per_s.max(0.1);
+    let tick = Duration::from_millis(LATENCY_TICK_MS);
+    let mut per_tick: Vec<Vec<i64>> = Vec::new();
+    for n in 0..count {
+        let k = (n as f64 * interval * 1000.0 / LATENCY_TICK_MS as f64) as usize;
+        if per_tick.len() <= k {
+            per_tick.resize(k + 1, Vec::new());
+        }
+        per_tick[k].push(n as i64);
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(FLOOR_TICKS_IN_FLIGHT_MAX));
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(per_tick.len());
+    for (k, keys) in per_tick.into_iter().enumerate() {
+        if keys.is_empty() {
+            continue;
+        }
+        let (client, publisher, limit) = (
+            clients[k % FLOOR_CONNECTIONS].clone(),
+            publisher.clone(),
+            limit.clone(),
+        );
+        let insert = insert.clone();
+        let send_at = started + tick * (k as u32 + 1);
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep_until(send_at.into()).await;
+            let _permit = limit.acquire().await?;
+            let origin = Utc::now();
+            client.execute(insert.as_str(), &[&keys]).await?;
+            let committed_ms =
+                (Utc::now() - origin).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            let message = ward_shared::wire::TaskMessage {
+                tenant_id: uuid::Uuid::nil(),
+                instance_id: uuid::Uuid::nil(),
+                task_run_id: uuid::Uuid::nil(),
+                step_id: "floor".into(),
+                handler: "noop".into(),
+                attempt: 1,
+                idempotency_key: "floor".into(),
+                input: json!({ "origin_us": origin.timestamp_micros() }),
+                epoch: 0,
+                kind: "task".into(),
+                timeout_ms: None,
+                http: None,
+                tier: None,
+                ready_at: None,
+                trace_parent: None,
+            };
+            let batch = vec![("floor", &message); keys.len()];
+            publisher.publish(&batch).await?;
+            anyhow::Ok(committed_ms)
+        }));
+    }
+    let mut commit_ms = Vec::with_capacity(handles.len());
+    for handle in handles {
+        commit_ms.push(handle.await??);
+    }
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    while delivered_ms
+        .lock()
+        .map(|delivered| delivered.len())
+        .unwrap_or(count)
+        < count
+        && Instant::now() < drain_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = consume.await;
+    let _ = publisher.delete(&tiers).await;
+    publisher.close().await;
+    consumer.close().await;
+    clients[0]
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await?;
+    let mut delivered = std::mem::take(
+        &mut *delivered_ms
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?,
+    );
+    delivered.sort_by(f64::total_cmp);
+    commit_ms.sort_by(f64::total_cmp);
+    let summary = |values: &[f64]| {
+        json!({
+            "p50": round3(percentile(values, 0.50)),
+            "p90": round3(percentile(values, 0.90)),
+            "p99": round3(percentile(values, 0.99)),
+            "max": round3(values.last().copied().unwrap_or(f64::NAN)),
+        })
+    };
+    Ok(json!({
+        "offered_per_s": round1(rate_per_s),
+        "sent": count,
+        "delivered": delivered.len(),
+        "commit_then_deliver_ms": summary(&delivered),
+        "commit_ms": summary(&commit_ms),
+    }))
+}
+
 /// Runs every scenario; writes `perf[-quick].json` and `.md` under `out`.
 pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Result<Value> {
     let bar = indicatif::ProgressBar::new(7);
@@ -743,7 +984,9 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         let rss_before = cluster.rss_bytes();
 
         let mut throughput = Value::Null;
-        if ["throughput", "latency", "queries", "backlog"]
+        if let Some(max_per_s) = options.max_per_s {
+            throughput = json!({ "instances_per_s": max_per_s, "given": true });
+        } else if ["throughput", "latency", "queries", "substrate", "backlog"]
             .iter()
             .any(|scenario| options.wants(scenario))
         {
@@ -792,6 +1035,15 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         if options.wants("substrate") {
             bar.set_message("5. raw substrate");
             raw = substrate(services, &name, options.measure_s).await?;
+            if !throughput.is_null() {
+                let mut floors = Vec::new();
+                for share in options.latency_shares.clone() {
+                    let mut floor = substrate_floor(services, &name, max_per_s * share, options.measure_s).await?;
+                    floor["load_share"] = json!(share);
+                    floors.push(floor);
+                }
+                raw["latency_floor"] = json!(floors);
+            }
         }
         bar.inc(1);
 
@@ -920,6 +1172,13 @@ fn markdown(report: &Value) -> String {
         f["throughput"]["instances_per_s"].to_string(),
     );
     row(
+        "1. machine CPU busy / Postgres commits per task",
+        format!(
+            "{} / {}",
+            f["throughput"]["machine_cpu_busy_share"], f["throughput"]["postgres_commits_per_task"]
+        ),
+    );
+    row(
         "2. 3-step chain: instances/s (steps/s)",
         format!(
             "{} ({})",
@@ -988,6 +1247,16 @@ fn markdown(report: &Value) -> String {
                 latency["stage_mean_ms"]["publish_confirm"]
             ),
         );
+        row(
+            &format!(
+                "3. at {} %: machine CPU busy / Postgres commits per task",
+                (latency["load_share"].as_f64().unwrap_or(0.0) * 100.0).round()
+            ),
+            format!(
+                "{} / {}",
+                latency["machine_cpu_busy_share"], latency["postgres_commits_per_task"]
+            ),
+        );
     }
     row(
         "4. queries over stored instances: status p50/p99 ms",
@@ -1015,6 +1284,28 @@ fn markdown(report: &Value) -> String {
         "5. Postgres single-row commits/s (32 connections)",
         f["substrate"]["postgres_single_row_commits_per_s"].to_string(),
     );
+    for floor in f["substrate"]["latency_floor"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        row(
+            &format!(
+                "5. floor at {} % ({} /s): Postgres commit then quorum-queue delivery p50/p90/p99/max ms (commit alone p50/p99)",
+                (floor["load_share"].as_f64().unwrap_or(0.0) * 100.0).round(),
+                floor["offered_per_s"]
+            ),
+            format!(
+                "{} / {} / {} / {} ({} / {})",
+                floor["commit_then_deliver_ms"]["p50"],
+                floor["commit_then_deliver_ms"]["p90"],
+                floor["commit_then_deliver_ms"]["p99"],
+                floor["commit_then_deliver_ms"]["max"],
+                floor["commit_ms"]["p50"],
+                floor["commit_ms"]["p99"]
+            ),
+        );
+    }
     row(
         "Ward throughput as a share of the broker alone",
         f["ward_share_of_broker"].to_string(),
