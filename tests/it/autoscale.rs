@@ -162,3 +162,60 @@ steps:
     sandbox.teardown().await;
     let _ = std::fs::remove_dir_all(&log_dir);
 }
+
+/// Publishes a desired-workers signal for `gold` as if from the leader of
+/// `epoch`, straight into etcd.
+async fn put_desired(sandbox: &Sandbox, epoch: i64, workers: i64) {
+    let mut etcd = etcd_client::Client::connect(crate::sandbox::etcd_endpoints(), None)
+        .await
+        .unwrap();
+    let value = json!({
+        "epoch": epoch,
+        "computed_at": chrono::Utc::now(),
+        "tiers": { "gold": workers },
+    });
+    etcd.put(
+        format!("{}/signals/workers-desired", sandbox.etcd_prefix()),
+        serde_json::to_vec(&value).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_deposed_leaders_desired_workers_signal_is_not_obeyed() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    sandbox.tenant(&url, "fenced", "gold").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let epoch = loop {
+        if let Some(epoch) = sandbox.cluster_status(&url).await["leader"]["epoch"].as_i64() {
+            break epoch;
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The current epoch's signal is what the status shows (the leader
+    // rewrites its own every 2 s, so some reads may see that instead).
+    let mut obeyed = 0;
+    for _ in 0..5 {
+        put_desired(&sandbox, epoch, 7).await;
+        if gold(&sandbox, &url).await["workers_desired"] == 7 {
+            obeyed += 1;
+        }
+    }
+    assert!(obeyed > 0, "the current leader's signal was never shown");
+    // A signal of an older epoch (a leader that lost its term but still
+    // publishes) is never shown.
+    for _ in 0..10 {
+        put_desired(&sandbox, epoch - 1, 9).await;
+        let tier = gold(&sandbox, &url).await;
+        assert_ne!(
+            tier["workers_desired"], 9,
+            "a stale epoch's signal was obeyed: {tier}"
+        );
+    }
+    sandbox.teardown().await;
+}

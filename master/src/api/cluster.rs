@@ -37,6 +37,13 @@ pub async fn status(State(state): State<AppState>, _admin: Admin) -> Response {
             .filter(|desired: &DesiredWorkers| {
                 (chrono::Utc::now() - desired.computed_at).num_seconds()
                     <= crate::autoscale::DESIRED_WORKERS_STALE_S
+            })
+            // Fenced by the epoch it carries: a deposed leader that still
+            // publishes (it has not yet seen its term end) is not obeyed.
+            .filter(|desired: &DesiredWorkers| {
+                leader
+                    .as_ref()
+                    .is_some_and(|leader| leader.epoch == desired.epoch)
             });
         let (masters, workers): (Vec<_>, Vec<_>) = members
             .into_iter()
