@@ -32,6 +32,18 @@ pub enum Error {
     Timeout { what: &'static str, timeout_ms: u64 },
 }
 
+/// True when the broker refused a declaration because the queue exists
+/// with other arguments (AMQP 406 PRECONDITION_FAILED).
+fn precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(
+            amqp.kind(),
+            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+        )
+    )
+}
+
 /// Bound on connecting (TCP, AMQP handshake, channel, confirm mode) and on
 /// declaring or consuming: a broker that accepts connections while it is
 /// still starting (or is stalled) must not hang the caller.
@@ -153,9 +165,42 @@ impl Broker {
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(self.dead_letter_queue().as_str().into()),
             );
-            self.channel
-                .queue_declare(self.tier_queue(tier).as_str().into(), durable, arguments)
-                .await?;
+            // On a channel of its own: a refused declaration closes its
+            // channel, and the publishing one must outlive it.
+            let queue = self.tier_queue(tier);
+            let channel = self.connection.create_channel().await?;
+            match channel
+                .queue_declare(queue.as_str().into(), durable, arguments)
+                .await
+            {
+                Ok(_) => {
+                    let _ = channel.close(200, "declared".into()).await;
+                }
+                Err(error) if precondition_failed(&error) => {
+                    // The queue exists with other arguments: a changed
+                    // `amqp.delivery_limit` (RabbitMQ never changes a queue's
+                    // arguments). Use it as it is rather than stop.
+                    let channel = self.connection.create_channel().await?;
+                    channel
+                        .queue_declare(
+                            queue.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    let _ = channel.close(200, "declared".into()).await;
+                    tracing::warn!(
+                        %queue,
+                        delivery_limit = self.settings.delivery_limit,
+                        "the queue exists with other arguments (another amqp.delivery_limit); \
+                         it keeps its own until it is deleted, empty, and declared again"
+                    );
+                }
+                Err(error) => return Err(error.into()),
+            }
         }
         Ok(())
     }

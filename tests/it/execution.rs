@@ -326,3 +326,55 @@ async fn many_instances_complete_across_two_masters_and_two_workers() {
     assert_eq!(leading, 1, "exactly one of two masters leads");
     sandbox.teardown().await;
 }
+
+#[tokio::test]
+async fn a_changed_delivery_limit_keeps_the_existing_queues_working() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    sandbox.start_worker(Registry::builtin()).await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "ward-limit", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("limit-changed", &["echo"]))
+        .await;
+    let first = sandbox
+        .start_instance(&url, &key, &json!({ "definition": "limit-changed" }))
+        .await;
+    let instance = sandbox
+        .wait_finished(&url, &key, &first, Duration::from_secs(30))
+        .await;
+    assert_eq!(instance["status"], "completed", "{instance}");
+
+    // The queues now exist with a delivery limit of 20. A broker client set
+    // to 5 declares them (RabbitMQ refuses the new arguments), then still
+    // publishes on its own channel and consumes.
+    let changed = ward_broker::Broker::connect(&ward_broker::Settings {
+        url: amqp_url(),
+        queue_prefix: sandbox.queue_prefix(),
+        delivery_limit: 5,
+    })
+    .await
+    .unwrap();
+    changed.declare(&Sandbox::tiers()).await.unwrap();
+    assert!(changed.is_connected(), "the publishing channel was closed");
+    changed.close().await;
+
+    // A worker started with the new limit takes over the tier and runs it.
+    let mut config = sandbox.worker_config();
+    config.node_id = format!("{}-limit5", config.node_id);
+    config.amqp.delivery_limit = 5;
+    let worker = ward_worker::Worker::start(config, Registry::builtin())
+        .await
+        .expect("a worker with another delivery limit starts");
+    let old = sandbox.workers.remove(0);
+    old.shutdown().await.unwrap();
+    sandbox.workers.push(worker);
+    let second = sandbox
+        .start_instance(&url, &key, &json!({ "definition": "limit-changed" }))
+        .await;
+    let instance = sandbox
+        .wait_finished(&url, &key, &second, Duration::from_secs(30))
+        .await;
+    assert_eq!(instance["status"], "completed", "{instance}");
+    sandbox.teardown().await;
+}
