@@ -37,6 +37,8 @@ const ACTIVE_REFRESH_MS: u64 = 1_000;
 const ACTIVE_REFRESH_MS_MIN: u64 = 20;
 /// Most active tenants tracked per tier.
 const ACTIVE_TENANTS_MAX: i64 = 100_000;
+/// Most drained tenants remembered between rebuilds (see `Active::idle`).
+const IDLE_TENANTS_MAX: usize = 100_000;
 /// Most newly active tenants looked up one by one per loop; more force a rebuild.
 const NEWLY_ACTIVE_MAX: usize = 64;
 /// Bound on buffered notification payloads.
@@ -80,6 +82,10 @@ struct Active {
     tiers: Vec<TierSpec>,
     by_tier: HashMap<String, Vec<ActiveTenant>>,
     known: HashSet<Uuid>,
+    /// Tenants whose ready work ran out since the last rebuild, with their
+    /// tier and quotas: a notification from one of them puts it back
+    /// without a look-up (the next rebuild reads them all again).
+    idle: HashMap<Uuid, (String, ActiveTenant)>,
     refreshed_at: Option<Instant>,
     /// The last round left ready work waiting for a free slot or quota.
     blocked: bool,
@@ -110,6 +116,7 @@ pub async fn run(
         tiers: Vec::new(),
         by_tier: HashMap::new(),
         known: HashSet::new(),
+        idle: HashMap::new(),
         refreshed_at: None,
         blocked: false,
     };
@@ -142,9 +149,18 @@ pub async fn run(
             }
         }
         // A tenant that just got ready work joins its tier's set at once (one
-        // indexed read), without waiting for a rebuild.
+        // indexed read, none if it ran out of work since the last rebuild),
+        // without waiting for a rebuild.
         newly_active.sort();
         newly_active.dedup();
+        newly_active.retain(|tenant_id| match active.idle.remove(tenant_id) {
+            Some((tier, tenant)) => {
+                active.known.insert(*tenant_id);
+                active.by_tier.entry(tier).or_default().push(tenant);
+                false
+            }
+            None => true,
+        });
         for tenant_id in newly_active {
             match store.active_tenant(tenant_id).await {
                 Ok(Some((tier, tenant))) if !active.known.contains(&tenant_id) => {
@@ -317,6 +333,7 @@ async fn refresh(
         tiers,
         by_tier,
         known,
+        idle: HashMap::new(),
         refreshed_at: Some(Instant::now()),
         blocked: false,
     };
@@ -540,7 +557,17 @@ fn finish_round(
             if dispatched.is_some() {
                 ledger.drained(pick.tenant_id);
                 if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
-                    tenants.retain(|tenant| tenant.tenant_id != pick.tenant_id);
+                    if let Some(at) = tenants
+                        .iter()
+                        .position(|tenant| tenant.tenant_id == pick.tenant_id)
+                    {
+                        let tenant = tenants.remove(at);
+                        if active.idle.len() < IDLE_TENANTS_MAX {
+                            active
+                                .idle
+                                .insert(pick.tenant_id, (pick.tier.clone(), tenant));
+                        }
+                    }
                     if tenants.is_empty() {
                         active.by_tier.remove(&pick.tier);
                     }
