@@ -477,26 +477,18 @@ async fn latency_at(
     ] {
         values.sort_by(f64::total_cmp);
     }
-    let summary = |values: &[f64]| {
-        json!({
-            "p50": round3(percentile(values, 0.50)),
-            "p90": round3(percentile(values, 0.90)),
-            "p99": round3(percentile(values, 0.99)),
-            "max": round3(values.last().copied().unwrap_or(f64::NAN)),
-        })
-    };
     Ok(json!({
         "offered_per_s": round1(rate_per_s),
         "sent": count,
         "acknowledged": ids.len(),
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
-        "schedule_to_start_ms": summary(&start_ms),
-        "created_to_dispatched_ms": summary(&to_dispatch_ms),
-        "dispatched_to_started_ms": summary(&to_worker_ms),
+        "schedule_to_start_ms": latency_summary(&start_ms),
+        "created_to_dispatched_ms": latency_summary(&to_dispatch_ms),
+        "dispatched_to_started_ms": latency_summary(&to_worker_ms),
         "stage_mean_ms": stage_means,
         "machine_cpu_busy_share": round3(usage.busy_share),
         "postgres_commits_per_task": round3(usage.commits / (count as f64).max(1.0)),
-        "end_to_end_ms": summary(&end_ms),
+        "end_to_end_ms": latency_summary(&end_ms),
     }))
 }
 
@@ -673,6 +665,37 @@ async fn backlog(
     }))
 }
 
+/// p50/p90/p99/max of sorted latencies.
+fn latency_summary(values: &[f64]) -> Value {
+    json!({
+        "p50": round3(percentile(values, 0.50)),
+        "p90": round3(percentile(values, 0.90)),
+        "p99": round3(percentile(values, 0.99)),
+        "max": round3(values.last().copied().unwrap_or(f64::NAN)),
+    })
+}
+
+/// A task message of scenario 5 (no tenant, instance or run behind it).
+fn substrate_message(step_id: &str, input: Value) -> ward_shared::wire::TaskMessage {
+    ward_shared::wire::TaskMessage {
+        tenant_id: uuid::Uuid::nil(),
+        instance_id: uuid::Uuid::nil(),
+        task_run_id: uuid::Uuid::nil(),
+        step_id: step_id.into(),
+        handler: "noop".into(),
+        attempt: 1,
+        idempotency_key: step_id.into(),
+        input,
+        epoch: 0,
+        kind: "task".into(),
+        timeout_ms: None,
+        http: None,
+        tier: None,
+        ready_at: None,
+        trace_parent: None,
+    }
+}
+
 /// Scenario 5: the broker and the database alone on this machine.
 async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Result<Value> {
     // RabbitMQ: publish with confirms (batches of 256, pipelined) while a
@@ -705,23 +728,7 @@ async fn substrate(services: &Services, name: &str, window_s: u64) -> anyhow::Re
         }
         inbox.close().await;
     });
-    let message = ward_shared::wire::TaskMessage {
-        tenant_id: uuid::Uuid::nil(),
-        instance_id: uuid::Uuid::nil(),
-        task_run_id: uuid::Uuid::nil(),
-        step_id: "raw".into(),
-        handler: "noop".into(),
-        attempt: 1,
-        idempotency_key: "raw".into(),
-        input: json!({}),
-        epoch: 0,
-        kind: "task".into(),
-        timeout_ms: None,
-        http: None,
-        tier: None,
-        ready_at: None,
-        trace_parent: None,
-    };
+    let message = substrate_message("raw", json!({}));
     let batch: Vec<(&str, &ward_shared::wire::TaskMessage)> = vec![("raw", &message); 256];
     let started = Instant::now();
     let mut published = 0u64;
@@ -890,23 +897,8 @@ async fn substrate_floor(
             client.execute(insert.as_str(), &[&keys]).await?;
             let committed_ms =
                 (Utc::now() - origin).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-            let message = ward_shared::wire::TaskMessage {
-                tenant_id: uuid::Uuid::nil(),
-                instance_id: uuid::Uuid::nil(),
-                task_run_id: uuid::Uuid::nil(),
-                step_id: "floor".into(),
-                handler: "noop".into(),
-                attempt: 1,
-                idempotency_key: "floor".into(),
-                input: json!({ "origin_us": origin.timestamp_micros() }),
-                epoch: 0,
-                kind: "task".into(),
-                timeout_ms: None,
-                http: None,
-                tier: None,
-                ready_at: None,
-                trace_parent: None,
-            };
+            let message =
+                substrate_message("floor", json!({ "origin_us": origin.timestamp_micros() }));
             let batch = vec![("floor", &message); keys.len()];
             publisher.publish(&batch).await?;
             anyhow::Ok(committed_ms)
@@ -941,20 +933,12 @@ async fn substrate_floor(
     );
     delivered.sort_by(f64::total_cmp);
     commit_ms.sort_by(f64::total_cmp);
-    let summary = |values: &[f64]| {
-        json!({
-            "p50": round3(percentile(values, 0.50)),
-            "p90": round3(percentile(values, 0.90)),
-            "p99": round3(percentile(values, 0.99)),
-            "max": round3(values.last().copied().unwrap_or(f64::NAN)),
-        })
-    };
     Ok(json!({
         "offered_per_s": round1(rate_per_s),
         "sent": count,
         "delivered": delivered.len(),
-        "commit_then_deliver_ms": summary(&delivered),
-        "commit_ms": summary(&commit_ms),
+        "commit_then_deliver_ms": latency_summary(&delivered),
+        "commit_ms": latency_summary(&commit_ms),
     }))
 }
 
