@@ -195,7 +195,7 @@ impl Broker {
                     tracing::warn!(
                         %queue,
                         delivery_limit = self.settings.delivery_limit,
-                        "the queue exists with other arguments (another amqp.delivery_limit); \
+                        "the queue exists with other arguments (such as another amqp.delivery_limit); \
                          it keeps its own until it is deleted, empty, and declared again"
                     );
                 }

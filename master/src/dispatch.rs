@@ -557,16 +557,21 @@ fn finish_round(
             if dispatched.is_some() {
                 ledger.drained(pick.tenant_id);
                 if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
-                    if let Some(at) = tenants
-                        .iter()
-                        .position(|tenant| tenant.tenant_id == pick.tenant_id)
-                    {
-                        let tenant = tenants.remove(at);
-                        if active.idle.len() < IDLE_TENANTS_MAX {
-                            active
-                                .idle
-                                .insert(pick.tenant_id, (pick.tier.clone(), tenant));
+                    // Every copy goes; one is remembered.
+                    let mut drained = None;
+                    tenants.retain(|tenant| {
+                        let keep = tenant.tenant_id != pick.tenant_id;
+                        if !keep && drained.is_none() {
+                            drained = Some(*tenant);
                         }
+                        keep
+                    });
+                    if let Some(tenant) = drained
+                        && active.idle.len() < IDLE_TENANTS_MAX
+                    {
+                        active
+                            .idle
+                            .insert(pick.tenant_id, (pick.tier.clone(), tenant));
                     }
                     if tenants.is_empty() {
                         active.by_tier.remove(&pick.tier);

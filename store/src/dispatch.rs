@@ -143,7 +143,8 @@ impl Store {
     /// Fair dispatch: claims up to `count` ready runs of each picked
     /// tenant's tier, those of its oldest instances first (UUIDv7 ids; so
     /// work in progress finishes before new work starts), skipping rows
-    /// another transaction holds;
+    /// another transaction holds and tenants that are not active (the
+    /// dispatcher's view of its tenants may be a rebuild old);
     /// publishes them, and marks them dispatched, under the epoch check.
     /// Returns how many were dispatched per tenant; fewer than asked means
     /// the tenant's ready work (of that tier) ran out.
@@ -176,7 +177,9 @@ impl Store {
                  (SELECT i.trace_parent FROM instances i WHERE i.id = r.instance_id) \
                  FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS pick (tenant_id, tier, take) \
                  CROSS JOIN LATERAL (SELECT * FROM task_runs t WHERE t.tier = pick.tier AND t.tenant_id = pick.tenant_id \
-                   AND t.state = 'ready' AND NOT t.external ORDER BY t.instance_id, t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
+                   AND t.state = 'ready' AND NOT t.external \
+                   AND EXISTS (SELECT 1 FROM tenants s WHERE s.id = pick.tenant_id AND s.status = 'active') \
+                   ORDER BY t.instance_id, t.created_at LIMIT pick.take FOR UPDATE SKIP LOCKED) r",
             &[
                 &tenants,
                 &tiers,
