@@ -1,8 +1,9 @@
 //! The leader's timer loop: fires due durable timers (retry backoffs,
 //! delays, signal timeouts), starts due cron schedules, and returns expired
-//! external-task locks to ready. Every write is fenced by the epoch.
+//! external-task locks to ready. Every write is fenced by the epoch. On a
+//! new schema it also asks for the hot tables' first ANALYZE (no data write).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use ward_store::Store;
@@ -12,6 +13,11 @@ use crate::metrics::Metrics;
 
 /// Backoff after a store failure.
 const FAILURE_DELAY_MS: u64 = 500;
+/// Rows a hot table holds before its first ANALYZE is asked for: from
+/// then on, plans made without statistics cost more than the ANALYZE.
+const FIRST_ANALYZE_ROWS_MIN: i64 = 1_000;
+/// How often the leader asks, until both hot tables were analyzed once.
+const FIRST_ANALYZE_EVERY_MS: u64 = 1_000;
 
 /// Runs until `term_over`; cancels it when the store reports this epoch fenced.
 pub async fn run(
@@ -22,7 +28,19 @@ pub async fn run(
     term_over: CancellationToken,
 ) {
     let batch_len_max = settings.batch_len_max;
+    // When to ask next for the hot tables' first ANALYZE (None: done).
+    let mut first_analyze_at = Some(Instant::now());
     while !term_over.is_cancelled() {
+        if first_analyze_at.is_some_and(|at| at <= Instant::now()) {
+            first_analyze_at = match store.first_analyze(FIRST_ANALYZE_ROWS_MIN).await {
+                Ok(0) => None,
+                Ok(_) => Some(Instant::now() + Duration::from_millis(FIRST_ANALYZE_EVERY_MS)),
+                Err(error) => {
+                    tracing::debug!(%error, "first ANALYZE of the hot tables failed");
+                    Some(Instant::now() + Duration::from_millis(FIRST_ANALYZE_EVERY_MS))
+                }
+            };
+        }
         let timer = metrics
             .store_transaction_seconds
             .with_label_values(&["timers"])

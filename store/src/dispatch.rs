@@ -192,6 +192,18 @@ impl Store {
         Ok(dispatched)
     }
 
+    /// Analyzes `instances` and `task_runs` once each first holds
+    /// `rows_min` rows, if autovacuum has not yet (migration V12): until
+    /// then every session's plans were made without statistics. Returns how
+    /// many of the two still wait for their first ANALYZE (0: done).
+    pub async fn first_analyze(&self, rows_min: i64) -> Result<i32, Error> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT ward_first_analyze($1)", &[&rows_min])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Number of ready tasks per tier (the backlog kept in Postgres).
     pub async fn ready_backlog(&self) -> Result<Vec<(String, i64)>, Error> {
         let mut client = self.pool.get().await?;

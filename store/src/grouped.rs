@@ -101,12 +101,15 @@ impl Ends {
         let children = transaction
             .query_c(
                 // `= ANY` on the keys lets each part use its index
-                // whatever the planner guesses of the arrays' lengths.
+                // whatever the planner guesses of the arrays' lengths. No
+                // `tenant_id = ANY` on instances: a plan made before the
+                // table had statistics read the tenants' every instance
+                // through a list index for it (the join keeps the tenant).
                 "WITH ended AS (UPDATE instances i SET status = v.status, output = v.output, error = v.error, \
                  updated_at = now(), completed_at = now() \
                  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[]) \
                  AS v (tenant_id, id, status, output, error) \
-                 WHERE i.id = ANY($2) AND i.tenant_id = ANY($1) AND i.id = v.id AND i.tenant_id = v.tenant_id \
+                 WHERE i.id = ANY($2) AND i.id = v.id AND i.tenant_id = v.tenant_id \
                  RETURNING 1), \
                  cancelled AS (UPDATE task_runs SET state = 'cancelled', finished_at = now() \
                  WHERE instance_id = ANY($2) AND tenant_id = ANY($1) \

@@ -582,3 +582,61 @@ async fn a_parent_that_fails_in_a_group_commit_cancels_the_child_settled_beside_
     assert_eq!(pending, 0, "nothing is left to run");
     sandbox.teardown().await;
 }
+
+/// Whether `table` of this sandbox's schema was analyzed by a plain ANALYZE
+/// (autovacuum's own sets `last_autoanalyze` instead).
+async fn analyzed(sql: &tokio_postgres::Client, table: &str) -> bool {
+    sql.query_one(
+        "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables \
+         WHERE relid = to_regclass($1)",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_new_schemas_hot_tables_are_analyzed_once_they_fill() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "ward-8", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("admit", &["noop"]))
+        .await;
+    let sql = sandbox.sql().await;
+    // A few rows: below the bound, so not analyzed (plans made now would
+    // be replaced later by autovacuum's).
+    let items: Vec<Value> = (0..10)
+        .map(|n| json!({ "definition": "admit", "input": { "bed": n } }))
+        .collect();
+    let batch_url = format!("{url}/v1/instances/batch");
+    let (status, body) = sandbox
+        .post(&batch_url, &key, &json!({ "instances": items }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!analyzed(&sql, "instances").await, "analyzed with 10 rows");
+
+    // Past the bound: the leader has both hot tables analyzed, without
+    // waiting for autovacuum.
+    let items: Vec<Value> = (0..1_000)
+        .map(|n| json!({ "definition": "admit", "input": { "bed": n } }))
+        .collect();
+    for _ in 0..2 {
+        let (status, body) = sandbox
+            .post(&batch_url, &key, &json!({ "instances": items }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !(analyzed(&sql, "instances").await && analyzed(&sql, "task_runs").await) {
+        assert!(
+            Instant::now() < deadline,
+            "instances and task_runs were not both analyzed within 40 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sandbox.teardown().await;
+}
