@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 
 mod cluster;
 mod external;
-mod instances;
+pub mod instances;
 mod schedules;
 mod tenancy;
 
@@ -41,6 +41,8 @@ pub struct AppState {
     pub registry: Arc<ward_membership::Registry>,
     /// Group commit of single starts.
     pub starts: crate::starts::StartCommitter,
+    /// Recent counts of running instances per tenant (the start quota).
+    pub running: Arc<instances::RunningCounts>,
 }
 
 /// The router with every route, limit and fallback.

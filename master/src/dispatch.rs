@@ -54,6 +54,11 @@ const INFLIGHT_REFRESH_MS: u64 = 250;
 /// visits every dispatched run, a few ms under load, so it is not read on
 /// every round.)
 const INFLIGHT_REFRESH_MS_FULL: u64 = 50;
+/// Unless a window is full, a count waits at least this many times the
+/// last one's duration after it: the count also visits the runs settled
+/// since the last VACUUM (their index entries stay until then), so it
+/// grows slower under load, and counting back to back took a core.
+const INFLIGHT_COST_FACTOR: u32 = 4;
 
 /// Dispatched, unsettled runs per (tier, tenant), as last read plus what
 /// was dispatched since.
@@ -67,6 +72,32 @@ struct Inflight {
     read_at: Option<Instant>,
     /// The last round found a window full or a tenant at its cap.
     full: bool,
+    /// A count read in the background (after the first, rounds never wait
+    /// for one), with when it began.
+    reading: Option<(Instant, tokio::task::JoinHandle<(InflightRead, Duration)>)>,
+    /// What the rounds that ended while `reading` dispatched: the count may
+    /// not see them, so they are added to it.
+    ended_during_read: HashMap<(String, Uuid), i64>,
+    /// How long the last count took.
+    read_cost: Duration,
+}
+
+type InflightRead = Result<HashMap<(String, Uuid), i64>, ward_store::Error>;
+
+impl Inflight {
+    /// Takes a fresh count, begun at `started`: the rounds still in flight
+    /// and those that ended while it was read are added to it (it cannot see
+    /// uncommitted claims, and may have missed commits made during the
+    /// read), so the counts only overestimate.
+    fn merge(&mut self, mut counts: HashMap<(String, Uuid), i64>, cost: Duration) {
+        for (key, count) in self.outstanding.iter().chain(&self.ended_during_read) {
+            *counts.entry(key.clone()).or_default() += count;
+        }
+        self.ended_during_read.clear();
+        self.counts = counts;
+        self.read_at = Some(Instant::now());
+        self.read_cost = cost;
+    }
 }
 
 /// What a round in flight resolves to: its picks, when it started, and the
@@ -360,16 +391,46 @@ async fn plan_round(
     } else {
         INFLIGHT_REFRESH_MS
     });
-    if inflight_cache
+    let refresh_after = if inflight_cache.full {
+        refresh_after
+    } else {
+        refresh_after.max(inflight_cache.read_cost * INFLIGHT_COST_FACTOR)
+    };
+    if inflight_cache.read_at.is_none() {
+        // The first count of the term: nothing to plan with before it.
+        let started = Instant::now();
+        let counts = store.inflight().await?;
+        inflight_cache.merge(counts, started.elapsed());
+    } else if let Some((started, reading)) = inflight_cache.reading.take() {
+        if !reading.is_finished() {
+            inflight_cache.reading = Some((started, reading));
+        } else {
+            match reading.await {
+                Ok((Ok(counts), cost)) => inflight_cache.merge(counts, cost),
+                Ok((Err(error), _)) => {
+                    inflight_cache.ended_during_read.clear();
+                    return Err(error);
+                }
+                Err(error) => {
+                    inflight_cache.ended_during_read.clear();
+                    return Err(ward_store::Error::Unavailable(format!(
+                        "in-flight count stopped: {error}"
+                    )));
+                }
+            }
+        }
+    } else if inflight_cache
         .read_at
         .is_none_or(|at| at.elapsed() >= refresh_after)
     {
-        let mut counts = store.inflight().await?;
-        for (key, count) in &inflight_cache.outstanding {
-            *counts.entry(key.clone()).or_default() += count;
-        }
-        inflight_cache.counts = counts;
-        inflight_cache.read_at = Some(Instant::now());
+        let store = store.clone();
+        inflight_cache.reading = Some((
+            Instant::now(),
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (store.inflight().await, started.elapsed())
+            }),
+        ));
     }
     let inflight = &inflight_cache.counts;
     let mut full = false;
@@ -546,6 +607,12 @@ fn finish_round(
             .and_then(|dispatched| dispatched.get(&pick.tenant_id))
             .copied()
             .unwrap_or(0) as i64;
+        if inflight_cache.reading.is_some() && got > 0 {
+            *inflight_cache
+                .ended_during_read
+                .entry(key.clone())
+                .or_default() += got;
+        }
         if let Some(count) = inflight_cache.counts.get_mut(&key) {
             *count = (*count - (pick.count - got)).max(0);
         }

@@ -67,6 +67,7 @@ impl Master {
             ready,
             registry: registry.clone(),
             starts: starts::StartCommitter::spawn(store.clone()),
+            running: Default::default(),
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {

@@ -18,6 +18,12 @@ const FAILURE_DELAY_MS: u64 = 500;
 const FIRST_ANALYZE_ROWS_MIN: i64 = 1_000;
 /// How often the leader asks, until both hot tables were analyzed once.
 const FIRST_ANALYZE_EVERY_MS: u64 = 1_000;
+/// The lease check waits at least this many times its last duration: it
+/// walks the index entries of runs settled since the last VACUUM, tens of
+/// ms under load, and ran every tick.
+const LEASE_CHECK_COST_FACTOR: u32 = 10;
+/// Longest wait between lease checks (an expired lease is found within it).
+const LEASE_CHECK_MS_MAX: u64 = 1_000;
 
 /// Runs until `term_over`; cancels it when the store reports this epoch fenced.
 pub async fn run(
@@ -30,6 +36,8 @@ pub async fn run(
     let batch_len_max = settings.batch_len_max;
     // When to ask next for the hot tables' first ANALYZE (None: done).
     let mut first_analyze_at = Some(Instant::now());
+    // When the next lease check is due.
+    let mut lease_check_at = Instant::now();
     while !term_over.is_cancelled() {
         if first_analyze_at.is_some_and(|at| at <= Instant::now()) {
             first_analyze_at = match store.first_analyze(FIRST_ANALYZE_ROWS_MIN).await {
@@ -49,7 +57,22 @@ pub async fn run(
             let fired = store.fire_due_timers(epoch, batch_len_max).await?;
             let started = store.fire_due_schedules(epoch, batch_len_max).await?;
             let reaped = store.reap_expired_locks(epoch, batch_len_max).await?;
-            let expired = store.expire_leases(epoch, batch_len_max).await?;
+            let mut expired = ward_store::Fired::default();
+            if lease_check_at <= Instant::now() {
+                let checked = Instant::now();
+                expired = store.expire_leases(epoch, batch_len_max).await?;
+                let spacing = (checked.elapsed() * LEASE_CHECK_COST_FACTOR).clamp(
+                    Duration::from_millis(settings.timer_poll_ms),
+                    Duration::from_millis(LEASE_CHECK_MS_MAX),
+                );
+                // A full batch: more may have expired; check again at once.
+                let full = i64::try_from(expired.count).unwrap_or(i64::MAX) >= batch_len_max;
+                lease_check_at = if full {
+                    Instant::now()
+                } else {
+                    checked + spacing
+                };
+            }
             Ok::<_, ward_store::Error>((fired, started, reaped, expired))
         }
         .await;

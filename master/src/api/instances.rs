@@ -46,21 +46,79 @@ fn trace_parent(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// How long a tenant's count of running instances may stand in for a new
+/// one, while far below its quota (see `RunningCounts`).
+const RUNNING_COUNT_TTL_MS: u64 = 1_000;
+/// Most tenants whose counts are kept (all are forgotten past it).
+const RUNNING_COUNTS_MAX: usize = 100_000;
+
+/// Each tenant's last count of running instances, plus what this master
+/// started since. Counting on every start cost up to tens of ms under load
+/// (the count also walks the index entries of instances ended since the
+/// last VACUUM); while the count is recent and the starts keep the tenant
+/// under half its quota, a start is admitted without counting. Near the
+/// quota every start counts, so the quota holds as before; other masters'
+/// starts within the TTL are what such an admission may not see.
+#[derive(Default)]
+pub struct RunningCounts {
+    counts: std::sync::Mutex<HashMap<uuid::Uuid, (std::time::Instant, i64)>>,
+}
+
+impl RunningCounts {
+    /// Admits `asked` starts from the recent count, if it is recent and
+    /// they stay under half of `running_max`.
+    fn admit(&self, tenant_id: uuid::Uuid, asked: i64, running_max: i64) -> bool {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match counts.get_mut(&tenant_id) {
+            Some((at, running))
+                if at.elapsed() < std::time::Duration::from_millis(RUNNING_COUNT_TTL_MS)
+                    && running.saturating_add(asked) <= running_max / 2 =>
+            {
+                *running = running.saturating_add(asked);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a fresh count that admitted `asked` more.
+    fn counted(&self, tenant_id: uuid::Uuid, running: i64) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if counts.len() >= RUNNING_COUNTS_MAX {
+            counts.clear();
+        }
+        counts.insert(tenant_id, (std::time::Instant::now(), running));
+    }
+}
+
 /// 429 when starting `asked` more instances would pass the tenant's
-/// `running_instances_max` (counted up to the quota, one statement).
+/// `running_instances_max` (counted up to the quota, one statement, unless
+/// a recent count shows the tenant far below it).
 async fn check_running_quota(
     state: &AppState,
     tenant: &ward_store::Tenant,
     asked: usize,
 ) -> Result<(), ApiError> {
     let running_max = i64::from(tenant.quotas.running_instances_max);
+    let asked = i64::try_from(asked).unwrap_or(i64::MAX);
+    if state.running.admit(tenant.id, asked, running_max) {
+        return Ok(());
+    }
     let running = state
         .store
         .running_instances_at_most(tenant, running_max)
         .await
         .map_err(ApiError::store)?;
-    let asked = i64::try_from(asked).unwrap_or(i64::MAX);
     if running.saturating_add(asked) <= running_max {
+        state
+            .running
+            .counted(tenant.id, running.saturating_add(asked));
         return Ok(());
     }
     state
@@ -465,4 +523,42 @@ fn finished(instance_id: uuid::Uuid, current: &str) -> ApiError {
         format!("instance {instance_id} has already ended ({current})"),
     )
     .field("id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunningCounts;
+
+    #[test]
+    fn a_recent_count_admits_starts_only_far_below_the_quota() {
+        let counts = RunningCounts::default();
+        let tenant = uuid::Uuid::now_v7();
+        // Never counted: the caller must count.
+        assert!(!counts.admit(tenant, 1, 100));
+        counts.counted(tenant, 40);
+        // Up to half the quota without counting, each admission added.
+        assert!(counts.admit(tenant, 5, 100));
+        assert!(counts.admit(tenant, 5, 100));
+        assert!(!counts.admit(tenant, 1, 100), "51 would pass half of 100");
+        // Another tenant has no count of its own.
+        assert!(!counts.admit(uuid::Uuid::now_v7(), 1, 100));
+        // Near the quota every start counts.
+        counts.counted(tenant, 2);
+        assert!(!counts.admit(tenant, 1, 4), "3 would pass half of 4");
+    }
+
+    #[test]
+    fn an_old_count_admits_nothing() {
+        let counts = RunningCounts::default();
+        let tenant = uuid::Uuid::now_v7();
+        counts.counts.lock().unwrap().insert(
+            tenant,
+            (
+                std::time::Instant::now()
+                    - std::time::Duration::from_millis(super::RUNNING_COUNT_TTL_MS + 1),
+                0,
+            ),
+        );
+        assert!(!counts.admit(tenant, 1, 100));
+    }
 }
