@@ -73,8 +73,8 @@ struct Inflight {
     /// The last round found a window full or a tenant at its cap.
     full: bool,
     /// A count read in the background (after the first, rounds never wait
-    /// for one), with when it began.
-    reading: Option<(Instant, tokio::task::JoinHandle<(InflightRead, Duration)>)>,
+    /// for one); it resolves to the count and how long it took.
+    reading: Option<tokio::task::JoinHandle<(InflightRead, Duration)>>,
     /// What the rounds that ended while `reading` dispatched: the count may
     /// not see them, so they are added to it.
     ended_during_read: HashMap<(String, Uuid), i64>,
@@ -85,7 +85,7 @@ struct Inflight {
 type InflightRead = Result<HashMap<(String, Uuid), i64>, ward_store::Error>;
 
 impl Inflight {
-    /// Takes a fresh count, begun at `started`: the rounds still in flight
+    /// Takes a fresh count that took `cost` to read: the rounds still in flight
     /// and those that ended while it was read are added to it (it cannot see
     /// uncommitted claims, and may have missed commits made during the
     /// read), so the counts only overestimate.
@@ -401,9 +401,9 @@ async fn plan_round(
         let started = Instant::now();
         let counts = store.inflight().await?;
         inflight_cache.merge(counts, started.elapsed());
-    } else if let Some((started, reading)) = inflight_cache.reading.take() {
+    } else if let Some(reading) = inflight_cache.reading.take() {
         if !reading.is_finished() {
-            inflight_cache.reading = Some((started, reading));
+            inflight_cache.reading = Some(reading);
         } else {
             match reading.await {
                 Ok((Ok(counts), cost)) => inflight_cache.merge(counts, cost),
@@ -424,13 +424,10 @@ async fn plan_round(
         .is_none_or(|at| at.elapsed() >= refresh_after)
     {
         let store = store.clone();
-        inflight_cache.reading = Some((
-            Instant::now(),
-            tokio::spawn(async move {
-                let started = Instant::now();
-                (store.inflight().await, started.elapsed())
-            }),
-        ));
+        inflight_cache.reading = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            (store.inflight().await, started.elapsed())
+        }));
     }
     let inflight = &inflight_cache.counts;
     let mut full = false;

@@ -61,10 +61,10 @@ pub async fn run(
             if lease_check_at <= Instant::now() {
                 let checked = Instant::now();
                 expired = store.expire_leases(epoch, batch_len_max).await?;
-                let spacing = (checked.elapsed() * LEASE_CHECK_COST_FACTOR).clamp(
-                    Duration::from_millis(settings.timer_poll_ms),
-                    Duration::from_millis(LEASE_CHECK_MS_MAX),
-                );
+                // Not `clamp`: a `timer_poll_ms` over the cap must not panic.
+                let spacing = (checked.elapsed() * LEASE_CHECK_COST_FACTOR)
+                    .min(Duration::from_millis(LEASE_CHECK_MS_MAX))
+                    .max(Duration::from_millis(settings.timer_poll_ms));
                 // A full batch: more may have expired; check again at once.
                 let full = i64::try_from(expired.count).unwrap_or(i64::MAX) >= batch_len_max;
                 lease_check_at = if full {
