@@ -84,7 +84,7 @@ impl RunningCounts {
         }
     }
 
-    /// Records a fresh count that admitted `asked` more.
+    /// Records a fresh count, with the starts it just admitted added.
     fn counted(&self, tenant_id: uuid::Uuid, running: i64) {
         let mut counts = self
             .counts
