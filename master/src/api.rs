@@ -43,6 +43,8 @@ pub struct AppState {
     pub starts: crate::starts::StartCommitter,
     /// Recent counts of running instances per tenant (the start quota).
     pub running: Arc<instances::RunningCounts>,
+    /// API keys resolved within the last `key_cache_ttl_ms`.
+    pub keys: KeyCache,
 }
 
 /// The router with every route, limit and fallback.
@@ -178,6 +180,62 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Most keys kept resolved; the least used go first past it.
+const KEY_CACHE_ENTRIES_MAX: u64 = 50_000;
+
+/// API keys this master resolved recently (the tenant, its status and
+/// quotas, or that the key is unknown), by their hash, for
+/// `key_cache_ttl_ms`. Without it every request read the store once before
+/// its own work: a status query paid two round trips, and a start its own
+/// statement outside the group commit. An admin change made through this
+/// master (tenant status or quotas, a revoked key, an apply) forgets every
+/// key at once; one made through another master reaches this one within
+/// the TTL.
+#[derive(Clone)]
+pub struct KeyCache {
+    /// `None` when `key_cache_ttl_ms` is 0.
+    tenants: Option<moka::sync::Cache<Vec<u8>, Option<Tenant>>>,
+}
+
+impl KeyCache {
+    /// A cache keeping each key `ttl_ms` (0: none kept).
+    pub fn new(ttl_ms: u64) -> KeyCache {
+        KeyCache {
+            tenants: (ttl_ms > 0).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(KEY_CACHE_ENTRIES_MAX)
+                    .time_to_live(std::time::Duration::from_millis(ttl_ms))
+                    .build()
+            }),
+        }
+    }
+
+    /// The tenant owning `api_key` (`None`: no such unrevoked key), from the
+    /// cache or else the store.
+    async fn tenant(
+        &self,
+        store: &Store,
+        api_key: &str,
+    ) -> Result<Option<Tenant>, ward_store::Error> {
+        let hash = ward_store::key_hash(api_key);
+        if let Some(tenant) = self.tenants.as_ref().and_then(|tenants| tenants.get(&hash)) {
+            return Ok(tenant);
+        }
+        let tenant = store.tenant_for_key_hash(&hash).await?;
+        if let Some(tenants) = &self.tenants {
+            tenants.insert(hash, tenant.clone());
+        }
+        Ok(tenant)
+    }
+
+    /// Forgets every key: called after an admin change to tenants or keys.
+    pub fn forget_all(&self) {
+        if let Some(tenants) = &self.tenants {
+            tenants.invalidate_all();
+        }
+    }
+}
+
 /// The tenant whose API key authorised the request.
 pub struct Authenticated(pub Tenant);
 
@@ -189,7 +247,7 @@ impl FromRequestParts<AppState> for Authenticated {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let key = bearer(parts).map_err(|error| reject(state, error))?;
-        match state.store.tenant_for_key(key).await {
+        match state.keys.tenant(&state.store, key).await {
             Ok(Some(tenant)) => Ok(Authenticated(tenant)),
             Ok(None) => Err(reject(
                 state,

@@ -25,6 +25,11 @@ pub struct Config {
     pub autoscale: crate::autoscale::Autoscale,
     /// Largest request body accepted, in bytes.
     pub payload_bytes_max: usize,
+    /// How long this master answers requests from an API key it resolved
+    /// (its tenant, status and quotas) before asking the store again; 0
+    /// asks every time. Admin changes made through this master apply at
+    /// once; through another master, within this.
+    pub key_cache_ttl_ms: u64,
     /// Bound on draining in-flight work at shutdown.
     pub shutdown_deadline_ms: u64,
     /// Logs as JSON lines instead of text.
@@ -71,6 +76,7 @@ impl Default for Config {
             dispatch: Dispatch::default(),
             autoscale: crate::autoscale::Autoscale::default(),
             payload_bytes_max: 256 * 1024,
+            key_cache_ttl_ms: 5_000,
             shutdown_deadline_ms: 10_000,
             log_json: false,
         }

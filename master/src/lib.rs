@@ -68,6 +68,7 @@ impl Master {
             registry: registry.clone(),
             starts: starts::StartCommitter::spawn(store.clone()),
             running: Default::default(),
+            keys: api::KeyCache::new(config.key_cache_ttl_ms),
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {

@@ -20,10 +20,13 @@ use crate::progress::{self, Locked, RunRows};
 /// transaction, no two the same) and returns each one's status, in order.
 /// Plain plans (new tasks, HTTP calls, delays) and ends of instances
 /// without a parent are written together; any other instance is advanced
-/// on its own afterwards, from a fresh read.
+/// on its own afterwards, from a fresh read. The tenants whose runs the
+/// plain plans made ready are added to `wake_after_commit`, for the caller
+/// to wake once it committed; the others wake from inside the transaction.
 pub(crate) async fn advance_many(
     transaction: &Transaction<'_>,
     instances: &[(&Locked, Vec<Run>)],
+    wake_after_commit: &mut Vec<String>,
 ) -> Result<Vec<String>, Error> {
     let mut statuses = vec![status::RUNNING.to_owned(); instances.len()];
     let mut rows = RunRows::default();
@@ -50,7 +53,8 @@ pub(crate) async fn advance_many(
     }
     // New runs before ends: an ending parent cancels its children's
     // pending runs, including those written here.
-    rows.write(transaction).await?;
+    rows.write_waking(transaction, Some(wake_after_commit))
+        .await?;
     ends.write(transaction).await?;
     // Re-read: the writes above may have ended one of these (a parent
     // cancels its children) or settled it (a child ends).

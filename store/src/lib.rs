@@ -12,6 +12,7 @@ mod runs;
 mod schedules;
 mod tenancy;
 mod tenants;
+mod wake;
 mod workflow;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -29,7 +30,7 @@ pub use tenancy::{
     APPLY_TENANTS_MAX, ActiveTenant, ApplyReport, KeyRecord, Quotas, TENANT_PAGE_MAX, TenantRecord,
     TenantSpec, TierSpec, Usage,
 };
-pub use tenants::{Tenant, TenantWithKey};
+pub use tenants::{Tenant, TenantWithKey, key_hash};
 pub use workflow::{
     CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, START_BATCH_LEN_MAX, SignalOutcome,
     StartItem, Started,
@@ -193,6 +194,8 @@ where
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Wake-ups waiting to be sent after their commits (`wake`).
+    wakes: wake::SharedWakes,
 }
 
 impl std::fmt::Debug for Store {
@@ -258,7 +261,10 @@ impl Store {
             .recycle_timeout(timeout)
             .build()
             .map_err(|error| Error::Corrupt(format!("pool configuration: {error}")))?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            wakes: Default::default(),
+        })
     }
 
     /// Number of pooled connections, and how many are idle.

@@ -453,12 +453,26 @@ impl RunRows {
 
     /// Writes the runs (a run whose idempotency key and attempt exist is
     /// skipped) and wakes the dispatcher for their tenants, pipelined.
-    pub(crate) async fn write(mut self, transaction: &Transaction<'_>) -> Result<(), Error> {
+    pub(crate) async fn write(self, transaction: &Transaction<'_>) -> Result<(), Error> {
+        self.write_waking(transaction, None).await
+    }
+
+    /// As `write`; with `after_commit`, the tenants to wake are added to it
+    /// instead, for the caller to wake once it committed
+    /// (`Store::wake_after_commit`; see `wake` for why).
+    pub(crate) async fn write_waking(
+        mut self,
+        transaction: &Transaction<'_>,
+        after_commit: Option<&mut Vec<String>>,
+    ) -> Result<(), Error> {
         if self.id.is_empty() {
             return Ok(());
         }
         self.ready_tenants.sort_unstable();
         self.ready_tenants.dedup();
+        if let Some(after_commit) = after_commit {
+            after_commit.append(&mut self.ready_tenants);
+        }
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
             &self.id,
             &self.tenant_id,
@@ -503,6 +517,23 @@ impl RunRows {
         futures::future::try_join(insert, notify).await?;
         Ok(())
     }
+}
+
+/// Notifies `tenants` on `READY_CHANNEL` from inside `transaction` (sent
+/// when it commits).
+pub(crate) async fn notify_in_transaction(
+    transaction: &Transaction<'_>,
+    tenants: &[String],
+) -> Result<(), Error> {
+    if !tenants.is_empty() {
+        transaction
+            .execute_c(
+                "SELECT pg_notify($1, tenant) FROM unnest($2::text[]) AS tenant",
+                &[&READY_CHANNEL, &tenants],
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// Inserts the run for `start` (waking the dispatcher when it is ready).

@@ -192,6 +192,7 @@ impl Store {
         instances.dedup();
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
+        let mut wake = Vec::new();
         // Lock and read the instances, in id order, skipping busy ones. By
         // id alone: a `tenant_id = ANY` term here let a plan made before the
         // table had statistics read each tenant's every instance through a
@@ -296,7 +297,7 @@ impl Store {
                 .iter()
                 .map(|id| (&locked[id], runs.remove(id).unwrap_or_default()))
                 .collect();
-            let after = grouped::advance_many(&transaction, &planned).await?;
+            let after = grouped::advance_many(&transaction, &planned, &mut wake).await?;
             statuses.extend(advanced.iter().copied().zip(after));
         }
         // An instance this commit ended is credited to its last result here
@@ -326,6 +327,7 @@ impl Store {
         // Only redeliveries and late answers: nothing was written.
         if applied {
             transaction.commit().await?;
+            self.wake_after_commit(wake);
         }
         Ok(completions)
     }

@@ -85,15 +85,16 @@ impl Store {
         })
     }
 
-    /// The active tenant owning an unrevoked key, if any.
-    pub async fn tenant_for_key(&self, api_key: &str) -> Result<Option<Tenant>, Error> {
+    /// The tenant owning the unrevoked key whose hash (`key_hash`) is
+    /// `hash`, if any.
+    pub async fn tenant_for_key_hash(&self, hash: &[u8]) -> Result<Option<Tenant>, Error> {
         // One statement, no transaction: the function sees across tenants.
         let client = self.pool.get().await?;
         let row = client
             .query_opt_c(
                 "SELECT id, slug, tier, status, inflight_max, dispatch_rate_per_s, \
                  running_instances_max, payload_bytes_max FROM ward_tenant_for_key($1)",
-                &[&hash_key(api_key)],
+                &[&hash],
             )
             .await?;
         Ok(row.map(|row| Tenant {
@@ -122,7 +123,7 @@ pub(crate) async fn issue_key(
     let created_at = transaction
         .query_one_c(
             "INSERT INTO api_keys (id, tenant_id, prefix, key_hash) VALUES ($1, $2, $3, $4) RETURNING created_at",
-            &[&key_id, &tenant_id, &prefix, &hash_key(&api_key)],
+            &[&key_id, &tenant_id, &prefix, &key_hash(&api_key)],
         )
         .await?
         .get(0);
@@ -147,6 +148,7 @@ fn new_api_key() -> (String, String) {
     (format!("ward_{prefix}_{}", hex::encode(secret)), prefix)
 }
 
-fn hash_key(api_key: &str) -> Vec<u8> {
+/// The hash an API key is stored and looked up by (SHA-256).
+pub fn key_hash(api_key: &str) -> Vec<u8> {
     Sha256::digest(api_key.as_bytes()).to_vec()
 }

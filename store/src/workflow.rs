@@ -167,8 +167,10 @@ impl Store {
     ) -> Result<Started, Error> {
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
-        let started = start_instance_tx(&transaction, tenant, request, idempotency_key).await?;
+        let mut wake = Vec::new();
+        let started = start_one(&transaction, tenant, request, idempotency_key, &mut wake).await?;
         transaction.commit().await?;
+        self.wake_after_commit(wake);
         Ok(started)
     }
 
@@ -224,8 +226,10 @@ impl Store {
         tenants.dedup();
         let mut client = self.pool.get().await?;
         let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
-        let answers = start_items(&transaction, items, all_or_none).await?;
+        let mut wake = Vec::new();
+        let answers = start_items(&transaction, items, all_or_none, &mut wake).await?;
         transaction.commit().await?;
+        self.wake_after_commit(wake);
         Ok(answers)
     }
 
@@ -601,10 +605,31 @@ pub(crate) async fn start_instance_tx(
     request: &StartInstance,
     idempotency_key: Option<&str>,
 ) -> Result<Started, Error> {
-    start_items(transaction, &[(tenant, request, idempotency_key)], true)
-        .await?
-        .pop()
-        .unwrap_or_else(|| Err(Error::Corrupt("a start was not answered".into())))
+    let mut wake = Vec::new();
+    let started = start_one(transaction, tenant, request, idempotency_key, &mut wake).await?;
+    // The caller commits: this start wakes from inside its transaction.
+    progress::notify_in_transaction(transaction, &wake).await?;
+    Ok(started)
+}
+
+/// Starts an instance inside `transaction`; the tenant to wake once it
+/// committed is added to `wake_after_commit`.
+async fn start_one(
+    transaction: &Transaction<'_>,
+    tenant: &Tenant,
+    request: &StartInstance,
+    idempotency_key: Option<&str>,
+    wake_after_commit: &mut Vec<String>,
+) -> Result<Started, Error> {
+    start_items(
+        transaction,
+        &[(tenant, request, idempotency_key)],
+        true,
+        wake_after_commit,
+    )
+    .await?
+    .pop()
+    .unwrap_or_else(|| Err(Error::Corrupt("a start was not answered".into())))
 }
 
 /// Starts `items` inside `transaction`, one answer per item, in order:
@@ -617,6 +642,7 @@ async fn start_items(
     transaction: &Transaction<'_>,
     items: &[(&Tenant, &StartInstance, Option<&str>)],
     all_or_none: bool,
+    wake_after_commit: &mut Vec<String>,
 ) -> Result<Vec<Result<Started, Error>>, Error> {
     let mut definitions: HashMap<(Uuid, &str, Option<i32>), Resolved> = HashMap::new();
     let mut answers: Vec<Option<Result<Started, Error>>> = Vec::with_capacity(items.len());
@@ -668,7 +694,7 @@ async fn start_items(
         .iter()
         .map(|(_, instance)| (instance, Vec::new()))
         .collect();
-    let statuses = grouped::advance_many(transaction, &planned).await?;
+    let statuses = grouped::advance_many(transaction, &planned, wake_after_commit).await?;
     for ((slot, instance), instance_status) in fresh.iter().zip(statuses) {
         answers[new.index[*slot]] = Some(Ok(Started {
             id: instance.id,

@@ -640,3 +640,80 @@ async fn a_new_schemas_hot_tables_are_analyzed_once_they_fill() {
     }
     sandbox.teardown().await;
 }
+
+/// Notifications on the ready channel naming `tenant`, received so far.
+fn wakes_of(received: &std::sync::Mutex<Vec<String>>, tenant: &str) -> usize {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|payload| payload.as_str() == tenant)
+        .count()
+}
+
+#[tokio::test]
+async fn group_commits_wake_the_dispatcher_once_they_committed() {
+    // The group commits (a start, a worker's results) notify the ready
+    // channel after their commits, not inside them; a listener still hears
+    // each tenant whose runs became ready. (The channel is shared by every
+    // test on this database: only this tenant's payloads are counted.)
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "ward-9", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("wake", &["noop", "noop"]))
+        .await;
+    let tenant: Uuid = sandbox
+        .sql()
+        .await
+        .query_one("SELECT id FROM tenants WHERE slug = 'ward-9'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tenant = tenant.to_string();
+    let (listener, mut connection) =
+        tokio_postgres::connect(&crate::sandbox::database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let listening = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                sink.lock().unwrap().push(notification.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN {}", ward_store::READY_CHANNEL))
+        .await
+        .unwrap();
+
+    // The start's group commit makes step 1 ready: one wake-up.
+    let id = sandbox
+        .start_instance(&url, &key, &json!({ "definition": "wake" }))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wakes_of(&received, &tenant) < 1 {
+        assert!(Instant::now() < deadline, "the start woke no listener");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The worker's group commit of step 1 makes step 2 ready: another.
+    sandbox.start_worker(Registry::builtin()).await;
+    let finished = sandbox
+        .wait_finished(&url, &key, &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wakes_of(&received, &tenant) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker's commit woke no listener"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listening.abort();
+    sandbox.teardown().await;
+}

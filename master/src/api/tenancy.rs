@@ -151,6 +151,7 @@ pub async fn update(
             )
             .await
             .map_err(ApiError::store)?;
+        state.keys.forget_all();
         record
             .map(|record| json!(record))
             .ok_or_else(|| not_found(&slug))
@@ -206,6 +207,7 @@ pub async fn revoke_key(
             .await
             .map_err(ApiError::store)?
         {
+            state.keys.forget_all();
             Ok(json!({ "id": key_id, "revoked": true }))
         } else {
             Err(ApiError::new(
@@ -290,6 +292,9 @@ pub async fn apply(
                 ward_store::Error::Invalid { field, message } => invalid(&field, message),
                 other => ApiError::store(other),
             })?;
+        if !request.dry_run {
+            state.keys.forget_all();
+        }
         Ok(json!(report))
     }
     .await;
