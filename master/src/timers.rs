@@ -25,6 +25,76 @@ const LEASE_CHECK_COST_FACTOR: u32 = 10;
 /// Longest wait between lease checks (an expired lease is found within it).
 const LEASE_CHECK_MS_MAX: u64 = 1_000;
 
+/// How often the leader looks whether a hot table needs the VACUUM that
+/// autovacuum will not run (`Store::vacuum_unattended`).
+const VACUUM_LOOK_EVERY_MS: u64 = 10_000;
+/// A hot table is vacuumed by the leader once this many rows are dead...
+const VACUUM_DEAD_ROWS_MIN: i64 = 10_000;
+/// ...and this share of its live rows.
+const VACUUM_DEAD_SHARE: f64 = 0.02;
+/// After a VACUUM the next look waits at least this many times its
+/// duration: vacuuming a table of millions of rows takes seconds of a core.
+const VACUUM_COST_FACTOR: u32 = 4;
+/// After a failed look (say, the login role does not own the tables), the
+/// next waits this many times `VACUUM_LOOK_EVERY_MS`.
+const VACUUM_FAILED_FACTOR: u32 = 10;
+
+/// The leader's backstop VACUUM, run beside the timers (it takes seconds).
+struct Vacuum {
+    running: Option<
+        tokio::task::JoinHandle<(Duration, Result<ward_store::Vacuumed, ward_store::Error>)>,
+    >,
+    next_at: Instant,
+    /// Whether this term has said that autovacuum is off.
+    warned: bool,
+}
+
+impl Vacuum {
+    /// Collects a finished VACUUM and starts the next when due; never waits.
+    fn poll(&mut self, store: &Store) {
+        if let Some(handle) = self.running.take_if(|handle| handle.is_finished()) {
+            let every = Duration::from_millis(VACUUM_LOOK_EVERY_MS);
+            self.next_at = Instant::now() + every;
+            match futures::FutureExt::now_or_never(handle) {
+                Some(Ok((took, Ok(vacuumed)))) => {
+                    if vacuumed.unattended && !self.warned {
+                        self.warned = true;
+                        tracing::warn!(
+                            "autovacuum is off for instances or task_runs: the leader vacuums them itself; turn it on (see docs/operations.md)"
+                        );
+                    }
+                    for table in &vacuumed.tables {
+                        tracing::info!(
+                            table = %table.table,
+                            dead_rows = table.dead,
+                            live_rows = table.live,
+                            "vacuumed a hot table autovacuum leaves alone"
+                        );
+                    }
+                    if !vacuumed.tables.is_empty() {
+                        self.next_at = Instant::now() + every.max(took * VACUUM_COST_FACTOR);
+                    }
+                }
+                Some(Ok((_, Err(error)))) => {
+                    tracing::warn!(%error, "backstop VACUUM of the hot tables failed");
+                    self.next_at = Instant::now() + every * VACUUM_FAILED_FACTOR;
+                }
+                Some(Err(_)) | None => {}
+            }
+        }
+        if self.running.is_none() && self.next_at <= Instant::now() {
+            let store = store.clone();
+            self.running = Some(tokio::spawn(async move {
+                let began = Instant::now();
+                let result = store
+                    .vacuum_unattended(VACUUM_DEAD_ROWS_MIN, VACUUM_DEAD_SHARE)
+                    .await;
+                (began.elapsed(), result)
+            }));
+        }
+    }
+}
+
 /// Runs until `term_over`; cancels it when the store reports this epoch fenced.
 pub async fn run(
     store: Store,
@@ -38,7 +108,13 @@ pub async fn run(
     let mut first_analyze_at = Some(Instant::now());
     // When the next lease check is due.
     let mut lease_check_at = Instant::now();
+    let mut vacuum = Vacuum {
+        running: None,
+        next_at: Instant::now(),
+        warned: false,
+    };
     while !term_over.is_cancelled() {
+        vacuum.poll(&store);
         if first_analyze_at.is_some_and(|at| at <= Instant::now()) {
             first_analyze_at = match store.first_analyze(FIRST_ANALYZE_ROWS_MIN).await {
                 Ok(0) => None,
@@ -105,7 +181,7 @@ pub async fn run(
                     "fenced: a newer leader exists; stopping timers"
                 );
                 term_over.cancel();
-                return;
+                break;
             }
             Err(error) => {
                 tracing::warn!(%error, "timer loop failed");
@@ -116,5 +192,11 @@ pub async fn run(
             () = term_over.cancelled() => break,
             () = tokio::time::sleep(Duration::from_millis(pause_ms)) => {}
         }
+    }
+    // Dropping a VACUUM's connection does not stop it on the server, which
+    // finishes it (it blocks no reader or writer); the next leader looks
+    // again.
+    if let Some(running) = vacuum.running.take() {
+        running.abort();
     }
 }

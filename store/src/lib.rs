@@ -12,6 +12,7 @@ mod runs;
 mod schedules;
 mod tenancy;
 mod tenants;
+mod vacuum;
 mod wake;
 mod workflow;
 
@@ -31,6 +32,7 @@ pub use tenancy::{
     TenantSpec, TierSpec, Usage,
 };
 pub use tenants::{Tenant, TenantWithKey, key_hash};
+pub use vacuum::{DeadRows, Vacuumed};
 pub use workflow::{
     CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, START_BATCH_LEN_MAX, SignalOutcome,
     StartItem, Started,
@@ -196,6 +198,9 @@ pub struct Store {
     pool: Pool,
     /// Wake-ups waiting to be sent after their commits (`wake`).
     wakes: wake::SharedWakes,
+    /// The login role's connection settings, for statements the
+    /// application role may not run (`vacuum`).
+    owner_config: std::sync::Arc<tokio_postgres::Config>,
 }
 
 impl std::fmt::Debug for Store {
@@ -210,6 +215,7 @@ impl Store {
     /// Builds the pool; connections are opened lazily.
     pub fn connect(settings: &Settings) -> Result<Store, Error> {
         let pg_config = pg_config(settings)?;
+        let owner_config = pg_config.clone();
         let manager = Manager::from_config(
             pg_config,
             NoTls,
@@ -264,6 +270,7 @@ impl Store {
         Ok(Store {
             pool,
             wakes: Default::default(),
+            owner_config: std::sync::Arc::new(owner_config),
         })
     }
 

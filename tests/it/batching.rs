@@ -641,6 +641,69 @@ async fn a_new_schemas_hot_tables_are_analyzed_once_they_fill() {
     sandbox.teardown().await;
 }
 
+#[tokio::test]
+async fn the_leader_vacuums_a_hot_table_autovacuum_leaves_alone() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    sandbox.start_worker(Registry::builtin()).await;
+    let key = sandbox.tenant(&url, "ward-10", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("sweep", &["noop"]))
+        .await;
+    // Autovacuum off for this table (whatever the server's setting): only
+    // the leader's backstop can vacuum it.
+    let sql = sandbox.sql().await;
+    sql.batch_execute("ALTER TABLE task_runs SET (autovacuum_enabled = false)")
+        .await
+        .unwrap();
+    let vacuumed = async |sql: &tokio_postgres::Client| -> bool {
+        sql.query_one(
+            "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE relid = to_regclass('task_runs')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    assert!(!vacuumed(&sql).await, "vacuumed before any run");
+
+    // Each run leaves two dead versions (ready, then dispatched, then
+    // settled): 10,000 runs pass the bound of 10,000 dead rows.
+    let items: Vec<Value> = (0..1_000)
+        .map(|n| json!({ "definition": "sweep", "input": { "bed": n } }))
+        .collect();
+    let batch_url = format!("{url}/v1/instances/batch");
+    // Two halves, each below the tenant's running-instances quota.
+    for half in 1..=2 {
+        for _ in 0..5 {
+            let (status, body) = sandbox
+                .post(&batch_url, &key, &json!({ "instances": items }))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        wait_completed(&sandbox, "sweep", half * 5_000, Duration::from_secs(120)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !vacuumed(&sql).await {
+        assert!(
+            Instant::now() < deadline,
+            "task_runs was not vacuumed within 60 s of its runs settling"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let dead: i64 = sql
+        .query_one(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = to_regclass('task_runs')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(dead < 10_000, "{dead} dead rows left after the VACUUM");
+    sandbox.teardown().await;
+}
+
 /// Notifications on the ready channel naming `tenant`, received so far.
 fn wakes_of(received: &std::sync::Mutex<Vec<String>>, tenant: &str) -> usize {
     received
