@@ -522,6 +522,23 @@ async fn settle(sql: &tokio_postgres::Client, tables: &[&str]) -> anyhow::Result
     Ok(began.elapsed().as_secs_f64())
 }
 
+/// SQL for a version-7 UUID (as the engine's `Uuid::now_v7()`) whose time
+/// is `ms_sql` (ms since the epoch) and whose other bits come from md5 of
+/// `n_sql`: bulk loads get ids in the order the engine would have given
+/// them, so a backlog is claimed (by instance id) in the order it was
+/// written, as a real one is, instead of in random order. Unique while
+/// `ms_sql` is unique.
+fn uuid_v7_sql(ms_sql: &str, n_sql: &str) -> String {
+    let hash = format!("decode(md5(({n_sql})::text), 'hex')");
+    format!(
+        "encode(set_byte(set_byte(substring(int8send(({ms_sql})::bigint) from 3 for 6) || substring({hash} from 1 for 10), \
+         6, (get_byte({hash}, 0) & 15) | 112), 8, (get_byte({hash}, 2) & 63) | 128), 'hex')::uuid"
+    )
+}
+
+/// Now, in ms since the epoch (SQL).
+const NOW_MS_SQL: &str = "(extract(epoch from now()) * 1000)::bigint";
+
 /// Bulk-stores scenario 4's instances over `keys`' tenants, settles them and
 /// samples ids for the status queries.
 async fn store_instances(
@@ -535,7 +552,7 @@ async fn store_instances(
     // One definition row serves every stored instance (a foreign key only).
     sql.batch_execute(&format!(
         "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, created_at, updated_at, completed_at) \
-         SELECT gen_random_uuid(), t.id, d.id, 'perf-stored', CASE WHEN n % 10 = 0 THEN 'failed' ELSE 'completed' END, \
+         SELECT {id}, t.id, d.id, 'perf-stored', CASE WHEN n % 10 = 0 THEN 'failed' ELSE 'completed' END, \
                 '{{}}'::jsonb, now() - n * interval '1 millisecond', now(), now() \
          FROM generate_series(1, {count}) AS n \
          JOIN (SELECT id, row_number() OVER (ORDER BY slug) - 1 AS k FROM tenants WHERE slug LIKE '{tenant_prefix}-%') t \
@@ -543,6 +560,8 @@ async fn store_instances(
          JOIN definitions d ON d.tenant_id = t.id AND d.name = 'perf-stored' AND d.version = 1",
         count = options.query_instances,
         tenants = keys.len(),
+        // Created n ms ago, as `created_at` says.
+        id = uuid_v7_sql(&format!("{NOW_MS_SQL} - n"), "n"),
     ))
     .await?;
     let load_s = loaded.elapsed().as_secs_f64();
@@ -679,10 +698,17 @@ async fn backlog(
     let loaded = Instant::now();
     sql.batch_execute(&format!(
         "BEGIN;
-         INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, created_at, updated_at)          SELECT gen_random_uuid(), t.id, d.id, 'perf-noop', 'running', jsonb_build_object('backlog', true), now(), now()          FROM generate_series(1, {count}) AS n          JOIN (SELECT id, row_number() OVER (ORDER BY slug) - 1 AS k FROM tenants WHERE slug LIKE '{tenant_prefix}-%') t            ON t.k = n % {tenants}          JOIN definitions d ON d.tenant_id = t.id AND d.name = 'perf-noop' AND d.version = 1;
-         INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state,            idempotency_key, input, external, config)          SELECT gen_random_uuid(), i.tenant_id, i.id, 'only', 'task', 'noop', 1, 'gold', 'ready',            i.id::text || ':only', '{{}}'::jsonb, false,            jsonb_build_object('timeout_ms', NULL, 'url', NULL, 'method', 'POST', 'headers', '{{}}'::jsonb)          FROM instances i WHERE i.status = 'running' AND i.input = jsonb_build_object('backlog', true);
+         INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, created_at, updated_at)          SELECT {instance_id}, t.id, d.id, 'perf-noop', 'running', jsonb_build_object('backlog', true), now(), now()          FROM generate_series(1, {count}) AS n          JOIN (SELECT id, row_number() OVER (ORDER BY slug) - 1 AS k FROM tenants WHERE slug LIKE '{tenant_prefix}-%') t            ON t.k = n % {tenants}          JOIN definitions d ON d.tenant_id = t.id AND d.name = 'perf-noop' AND d.version = 1;
+         INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state,            idempotency_key, input, external, config)          SELECT {run_id}, i.tenant_id, i.id, 'only', 'task', 'noop', 1, 'gold', 'ready',            i.id::text || ':only', '{{}}'::jsonb, false,            jsonb_build_object('timeout_ms', NULL, 'url', NULL, 'method', 'POST', 'headers', '{{}}'::jsonb)          FROM instances i WHERE i.status = 'running' AND i.input = jsonb_build_object('backlog', true) ORDER BY i.id;
          COMMIT",
         count = options.backlog_tasks,
+        // Written over the last `count` ms, oldest first, as a backlog that
+        // built up is; each run's id follows its instance's.
+        instance_id = uuid_v7_sql(&format!("{NOW_MS_SQL} - {} + n", options.backlog_tasks), "n"),
+        run_id = uuid_v7_sql(
+            "('x' || lpad(substring(i.id::text from 1 for 8) || substring(i.id::text from 10 for 4), 16, '0'))::bit(64)::bigint",
+            "i.id",
+        ),
     ))
     .await?;
     let load_s = loaded.elapsed().as_secs_f64();
