@@ -524,12 +524,13 @@ async fn settle(sql: &tokio_postgres::Client, tables: &[&str]) -> anyhow::Result
 
 /// SQL for a version-7 UUID (as the engine's `Uuid::now_v7()`) whose time
 /// is `ms_sql` (ms since the epoch) and whose other bits come from md5 of
-/// `n_sql`: bulk loads get ids in the order the engine would have given
-/// them, so a backlog is claimed (by instance id) in the order it was
-/// written, as a real one is, instead of in random order. Unique while
-/// `ms_sql` is unique.
-fn uuid_v7_sql(ms_sql: &str, n_sql: &str) -> String {
-    let hash = format!("decode(md5(({n_sql})::text), 'hex')");
+/// `salt` and `n_sql`: bulk loads get ids in the order the engine would
+/// have given them, so a backlog is claimed (by instance id) in the order
+/// it was written, as a real one is, instead of in random order. Unique
+/// within a load while `ms_sql` is; two loads differ by their `salt` (their
+/// times may meet).
+fn uuid_v7_sql(salt: &str, ms_sql: &str, n_sql: &str) -> String {
+    let hash = format!("decode(md5('{salt}:' || ({n_sql})::text), 'hex')");
     format!(
         "encode(set_byte(set_byte(substring(int8send(({ms_sql})::bigint) from 3 for 6) || substring({hash} from 1 for 10), \
          6, (get_byte({hash}, 0) & 15) | 112), 8, (get_byte({hash}, 2) & 63) | 128), 'hex')::uuid"
@@ -561,7 +562,7 @@ async fn store_instances(
         count = options.query_instances,
         tenants = keys.len(),
         // Created n ms ago, as `created_at` says.
-        id = uuid_v7_sql(&format!("{NOW_MS_SQL} - n"), "n"),
+        id = uuid_v7_sql("stored", &format!("{NOW_MS_SQL} - n"), "n"),
     ))
     .await?;
     let load_s = loaded.elapsed().as_secs_f64();
@@ -704,8 +705,9 @@ async fn backlog(
         count = options.backlog_tasks,
         // Written over the last `count` ms, oldest first, as a backlog that
         // built up is; each run's id follows its instance's.
-        instance_id = uuid_v7_sql(&format!("{NOW_MS_SQL} - {} + n", options.backlog_tasks), "n"),
+        instance_id = uuid_v7_sql("backlog", &format!("{NOW_MS_SQL} - {} + n", options.backlog_tasks), "n"),
         run_id = uuid_v7_sql(
+            "backlog-run",
             "('x' || lpad(substring(i.id::text from 1 for 8) || substring(i.id::text from 10 for 4), 16, '0'))::bit(64)::bigint",
             "i.id",
         ),
@@ -1170,19 +1172,41 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
     Ok(report)
 }
 
+/// Postgres settings that move the figures: printed with them.
+const POSTGRES_SETTINGS: [&str; 5] = [
+    "autovacuum",
+    "max_wal_size",
+    "shared_buffers",
+    "synchronous_commit",
+    "wal_compression",
+];
+
 /// The machine and the versions of what runs on it.
 async fn machine(services: &Services) -> Value {
-    let postgres =
+    let (postgres, settings) =
         match tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls).await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
-                client
+                let version = client
                     .query_one("SHOW server_version", &[])
                     .await
                     .map(|row| row.get::<_, String>(0))
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let settings: serde_json::Map<String, Value> = client
+                    .query(
+                        "SELECT name, current_setting(name) FROM unnest($1::text[]) AS name",
+                        &[&POSTGRES_SETTINGS.as_slice()],
+                    )
+                    .await
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|row| (row.get::<_, String>(0), json!(row.get::<_, String>(1))))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (version, settings)
             }
-            Err(_) => String::new(),
+            Err(_) => (String::new(), serde_json::Map::new()),
         };
     let rabbitmq = std::process::Command::new("rabbitmqctl")
         .arg("version")
@@ -1203,6 +1227,7 @@ async fn machine(services: &Services) -> Value {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu": cpu,
         "postgres": postgres,
+        "postgres_settings": settings,
         "rabbitmq": rabbitmq,
     })
 }
@@ -1210,7 +1235,7 @@ async fn machine(services: &Services) -> Value {
 fn markdown(report: &Value) -> String {
     let f = &report["figures"];
     let mut text = format!(
-        "\n## ward-bench perf ({}), {} cores, Postgres {}, RabbitMQ {}\n\n| scenario | figure |\n| --- | --- |\n",
+        "\n## ward-bench perf ({}), {} cores, Postgres {} ({}), RabbitMQ {}\n\n| scenario | figure |\n| --- | --- |\n",
         if report["quick"] == true {
             "quick"
         } else {
@@ -1218,6 +1243,16 @@ fn markdown(report: &Value) -> String {
         },
         report["machine"]["cores"],
         report["machine"]["postgres"].as_str().unwrap_or("?"),
+        report["machine"]["postgres_settings"]
+            .as_object()
+            .map(|settings| {
+                settings
+                    .iter()
+                    .map(|(name, value)| format!("{name} {}", value.as_str().unwrap_or("?")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
         report["machine"]["rabbitmq"].as_str().unwrap_or("?"),
     );
     let mut row = |name: &str, value: String| text.push_str(&format!("| {name} | {value} |\n"));
