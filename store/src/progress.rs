@@ -503,18 +503,13 @@ impl RunRows {
              ON CONFLICT (instance_id, idempotency_key, attempt) DO NOTHING",
             &params,
         );
-        let notify = async {
-            if !self.ready_tenants.is_empty() {
-                transaction
-                    .execute_c(
-                        "SELECT pg_notify($1, tenant) FROM unnest($2::text[]) AS tenant",
-                        &[&READY_CHANNEL, &self.ready_tenants],
-                    )
-                    .await?;
-            }
-            Ok::<(), tokio_postgres::Error>(())
-        };
-        futures::future::try_join(insert, notify).await?;
+        // Pipelined: the INSERT and the wake-up (none when the caller wakes
+        // after its commit: `ready_tenants` was handed over above).
+        futures::future::try_join(
+            async { insert.await.map_err(Error::from) },
+            notify_in_transaction(transaction, &self.ready_tenants),
+        )
+        .await?;
         Ok(())
     }
 }
