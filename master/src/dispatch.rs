@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use ward_broker::Broker;
-use ward_store::{ActiveTenant, Listener, Pick, Store, TierSpec};
+use ward_store::{ActiveTenant, Listener, LocalWake, Pick, Store, TierSpec};
 
 use crate::config::Config;
 use crate::fairness::{self, Ledger};
@@ -122,6 +122,22 @@ struct Active {
     blocked: bool,
 }
 
+/// Keeps a dispatcher registered for local wake-ups while it lives.
+struct LocalWakeGuard(Store);
+
+impl LocalWakeGuard {
+    fn register(store: &Store, local: LocalWake) -> LocalWakeGuard {
+        store.wake_locally(Some(local));
+        LocalWakeGuard(store.clone())
+    }
+}
+
+impl Drop for LocalWakeGuard {
+    fn drop(&mut self) {
+        self.0.wake_locally(None);
+    }
+}
+
 /// Dispatches until `term_over` is cancelled; cancels it itself when the
 /// store reports this epoch fenced.
 pub async fn run(
@@ -135,6 +151,14 @@ pub async fn run(
     let broker_settings = crate::broker_settings(&config);
     let wake = Arc::new(Notify::new());
     let (payload_tx, mut payloads) = mpsc::channel::<String>(PAYLOADS_MAX);
+    // Starts committed by this process wake this dispatcher directly.
+    let _local = LocalWakeGuard::register(
+        &store,
+        LocalWake {
+            payloads: payload_tx.clone(),
+            notify: wake.clone(),
+        },
+    );
     let mut listener: Option<Listener> = None;
     let mut broker: Option<Arc<Broker>> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;

@@ -33,6 +33,7 @@ pub use tenancy::{
 };
 pub use tenants::{Tenant, TenantWithKey, key_hash};
 pub use vacuum::{DeadRows, Vacuumed};
+pub use wake::LocalWake;
 pub use workflow::{
     CancelOutcome, LIST_LIMIT_MAX, ListFilter, Published, START_BATCH_LEN_MAX, SignalOutcome,
     StartItem, Started,

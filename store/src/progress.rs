@@ -489,20 +489,7 @@ impl RunRows {
             &self.config,
             &self.wait_ms,
         ];
-        let insert = transaction.execute_c(
-            "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
-             idempotency_key, input, external, config, available_at, finished_at) \
-             SELECT id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
-             input, external, config, \
-             CASE WHEN wait_ms IS NULL THEN NULL ELSE now() + wait_ms * interval '1 millisecond' END, \
-             CASE WHEN state = 'skipped' THEN now() END \
-             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], \
-             $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::bool[], $13::jsonb[], $14::bigint[]) \
-             AS v (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
-             input, external, config, wait_ms) \
-             ON CONFLICT (instance_id, idempotency_key, attempt) DO NOTHING",
-            &params,
-        );
+        let insert = transaction.execute_c(RUNS_INSERT_SQL, &params);
         // Pipelined: the INSERT and the wake-up (none when the caller wakes
         // after its commit: `ready_tenants` was handed over above).
         futures::future::try_join(
@@ -513,6 +500,19 @@ impl RunRows {
         Ok(())
     }
 }
+
+/// Writes the runs of `RunRows`, one row per element of its arrays.
+pub(crate) const RUNS_INSERT_SQL: &str = "INSERT INTO task_runs (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, \
+     idempotency_key, input, external, config, available_at, finished_at) \
+     SELECT id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
+     input, external, config, \
+     CASE WHEN wait_ms IS NULL THEN NULL ELSE now() + wait_ms * interval '1 millisecond' END, \
+     CASE WHEN state = 'skipped' THEN now() END \
+     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], \
+     $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::bool[], $13::jsonb[], $14::bigint[]) \
+     AS v (id, tenant_id, instance_id, step_id, kind, handler, attempt, tier, state, idempotency_key, \
+     input, external, config, wait_ms) \
+     ON CONFLICT (instance_id, idempotency_key, attempt) DO NOTHING";
 
 /// Notifies `tenants` on `READY_CHANNEL` from inside `transaction` (sent
 /// when it commits).

@@ -12,8 +12,15 @@
 //! (`synchronous_commit` off, for that transaction only): a wake-up lost
 //! in a crash costs only latency, since the dispatcher also finds ready
 //! work by polling and by rebuilding its active tenants.
+//!
+//! On the leader, whose dispatcher runs in the same process, the wake-up
+//! skips Postgres: the dispatcher registers itself (`Store::wake_locally`)
+//! and gets the tenants directly, as soon as the commit returned. Only
+//! commits on other processes (workers, other masters) go through NOTIFY.
 
 use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{Notify, mpsc};
 
 use crate::{Cached, READY_CHANNEL, Store};
 
@@ -25,6 +32,16 @@ const WAKE_TENANTS_MAX: usize = 4_096;
 #[derive(Default)]
 pub(crate) struct Wakes {
     state: Mutex<WakeState>,
+    /// The dispatcher of this process, while it runs (see `wake_locally`).
+    local: Mutex<Option<LocalWake>>,
+}
+
+/// A dispatcher in this process: where its notifications' payloads go, and
+/// what wakes it (the same two a `Listener` feeds).
+#[derive(Clone)]
+pub struct LocalWake {
+    pub payloads: mpsc::Sender<String>,
+    pub notify: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -41,6 +58,28 @@ impl Store {
         if tenants.is_empty() {
             return;
         }
+        let local = self
+            .wakes
+            .local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let tenants = match local {
+            Some(local) => {
+                // Those that do not fit the dispatcher's buffer go the long way.
+                let rest: Vec<String> = tenants
+                    .into_iter()
+                    .filter_map(|tenant| local.payloads.try_send(tenant).err())
+                    .map(|error| error.into_inner())
+                    .collect();
+                local.notify.notify_one();
+                if rest.is_empty() {
+                    return;
+                }
+                rest
+            }
+            None => tenants,
+        };
         let start = {
             let mut state = self
                 .wakes
@@ -53,6 +92,22 @@ impl Store {
         if start {
             tokio::spawn(send_wakes(self.clone()));
         }
+    }
+}
+
+impl Store {
+    /// Registers (Some) or removes (None) this process's dispatcher: while
+    /// registered, wake-ups after this store's commits go to it directly
+    /// instead of through NOTIFY. The dispatcher removes itself when its
+    /// term ends; a wake-up that reaches it while its term ends is lost as
+    /// a NOTIFY can be, and the next leader finds the runs when it builds
+    /// its active tenants.
+    pub fn wake_locally(&self, local: Option<LocalWake>) {
+        *self
+            .wakes
+            .local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = local;
     }
 }
 

@@ -225,9 +225,17 @@ impl Store {
         tenants.sort_unstable();
         tenants.dedup();
         let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
+        // The scope goes out with the definitions' look-ups (`start_items`).
+        let transaction = client.transaction().await?;
         let mut wake = Vec::new();
-        let answers = start_items(&transaction, items, all_or_none, &mut wake).await?;
+        let answers = start_items(
+            &transaction,
+            Some(Scope::Tenants(&tenants)),
+            items,
+            all_or_none,
+            &mut wake,
+        )
+        .await?;
         transaction.commit().await?;
         self.wake_after_commit(wake);
         Ok(answers)
@@ -623,6 +631,7 @@ async fn start_one(
 ) -> Result<Started, Error> {
     start_items(
         transaction,
+        None,
         &[(tenant, request, idempotency_key)],
         true,
         wake_after_commit,
@@ -638,40 +647,57 @@ async fn start_one(
 /// (`grouped::advance_many`). An unknown definition fails everything when
 /// `all_or_none`, else only its item. An idempotency key or business key
 /// that matches an existing instance (or an earlier item) answers that one.
+///
+/// `scope`, when given, is set first, pipelined with the look-ups of the
+/// definitions (the caller began the transaction without it). Items
+/// without keys cannot match an existing instance, so when no item has
+/// one the instances' INSERT and their runs' go out together too: a
+/// start group then costs BEGIN, one round trip, another, and COMMIT.
 async fn start_items(
     transaction: &Transaction<'_>,
+    scope: Option<Scope<'_>>,
     items: &[(&Tenant, &StartInstance, Option<&str>)],
     all_or_none: bool,
     wake_after_commit: &mut Vec<String>,
 ) -> Result<Vec<Result<Started, Error>>, Error> {
-    let mut definitions: HashMap<(Uuid, &str, Option<i32>), Resolved> = HashMap::new();
+    let definitions = resolve_definitions(transaction, scope, items).await?;
     let mut answers: Vec<Option<Result<Started, Error>>> = Vec::with_capacity(items.len());
     let mut new = NewInstances::default();
     for (index, (tenant, request, idempotency_key)) in items.iter().enumerate() {
         let key = (tenant.id, request.definition.as_str(), request.version);
         let resolved = match definitions.get(&key) {
-            Some(resolved) => resolved.clone(),
-            None => match resolve_definition(transaction, tenant, request).await {
-                Ok(resolved) => {
-                    definitions.insert(key, resolved.clone());
-                    resolved
+            Some(Some(resolved)) => resolved.clone(),
+            _ => {
+                let error = Error::DefinitionNotFound {
+                    name: request.definition.clone(),
+                    version: request.version,
+                };
+                if all_or_none {
+                    return Err(error);
                 }
-                Err(error @ Error::DefinitionNotFound { .. }) if !all_or_none => {
-                    answers.push(Some(Err(error)));
-                    continue;
-                }
-                Err(error) => return Err(error),
-            },
+                answers.push(Some(Err(error)));
+                continue;
+            }
         };
         answers.push(None);
         new.push(index, tenant, request, *idempotency_key, resolved);
     }
-    let inserted = new.write(transaction).await?;
-    // Advance the new instances together.
-    let mut fresh: Vec<(usize, Locked)> = Vec::with_capacity(inserted.len());
+    let keyless = new.idempotency_key.iter().all(Option::is_none)
+        && new.business_key.iter().all(Option::is_none);
+    // Every new instance is advanced together; with keys, only those
+    // whose INSERT did not meet an existing key.
+    let mut fresh: Vec<(usize, Locked)> = Vec::with_capacity(new.id.len());
     let mut found: Vec<usize> = Vec::new();
+    let inserted = if keyless {
+        None
+    } else {
+        Some(new.write(transaction).await?)
+    };
     for (slot, &index) in new.index.iter().enumerate() {
-        if inserted.contains(&new.id[slot]) {
+        if inserted
+            .as_ref()
+            .is_none_or(|inserted| inserted.contains(&new.id[slot]))
+        {
             let (tenant, request, _) = items[index];
             fresh.push((
                 slot,
@@ -694,7 +720,27 @@ async fn start_items(
         .iter()
         .map(|(_, instance)| (instance, Vec::new()))
         .collect();
-    let statuses = grouped::advance_many(transaction, &planned, wake_after_commit).await?;
+    let statuses = if keyless {
+        // Both statements prepared first, so that the instances' INSERT
+        // goes out before the runs' on the first poll (the server runs
+        // them in that order).
+        transaction.prepare_cached(NewInstances::INSERT_SQL).await?;
+        transaction
+            .prepare_cached(progress::RUNS_INSERT_SQL)
+            .await?;
+        let (inserted, statuses) = futures::join!(
+            new.write(transaction),
+            grouped::advance_many(transaction, &planned, wake_after_commit)
+        );
+        if inserted?.len() != new.id.len() {
+            return Err(Error::Corrupt(
+                "a new instance without keys was not inserted".into(),
+            ));
+        }
+        statuses?
+    } else {
+        grouped::advance_many(transaction, &planned, wake_after_commit).await?
+    };
     for ((slot, instance), instance_status) in fresh.iter().zip(statuses) {
         answers[new.index[*slot]] = Some(Ok(Started {
             id: instance.id,
@@ -751,6 +797,16 @@ struct NewInstances {
 }
 
 impl NewInstances {
+    /// Inserts the instances (see `write`).
+    const INSERT_SQL: &str = "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
+         idempotency_key, trace_parent) \
+         SELECT id, tenant_id, definition_id, definition_name, 'running', input, business_key, \
+         idempotency_key, trace_parent \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[], $7::text[], \
+         $8::text[]) AS v (id, tenant_id, definition_id, definition_name, input, business_key, \
+         idempotency_key, trace_parent) \
+         ON CONFLICT DO NOTHING RETURNING id";
+
     fn push(
         &mut self,
         index: usize,
@@ -792,14 +848,7 @@ impl NewInstances {
         }
         Ok(transaction
             .query_c(
-                "INSERT INTO instances (id, tenant_id, definition_id, definition_name, status, input, business_key, \
-                 idempotency_key, trace_parent) \
-                 SELECT id, tenant_id, definition_id, definition_name, 'running', input, business_key, \
-                 idempotency_key, trace_parent \
-                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[], $6::text[], $7::text[], \
-                 $8::text[]) AS v (id, tenant_id, definition_id, definition_name, input, business_key, \
-                 idempotency_key, trace_parent) \
-                 ON CONFLICT DO NOTHING RETURNING id",
+                Self::INSERT_SQL,
                 &[
                     &self.id,
                     &self.tenant_id,
@@ -818,30 +867,74 @@ impl NewInstances {
     }
 }
 
-async fn resolve_definition(
+async fn resolve_definitions<'a>(
     transaction: &Transaction<'_>,
-    tenant: &Tenant,
-    request: &StartInstance,
-) -> Result<Resolved, Error> {
-    let row = transaction
-        .query_opt_c(
-            "SELECT id, version FROM definitions \
-             WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
-             ORDER BY version DESC LIMIT 1",
-            &[&tenant.id, &request.definition, &request.version],
-        )
-        .await?
-        .ok_or_else(|| Error::DefinitionNotFound {
-            name: request.definition.clone(),
-            version: request.version,
-        })?;
-    let id: Uuid = row.get(0);
-    Ok(Resolved {
-        id,
-        version: row.get(1),
-        definition: progress::definition_by_id(transaction, id).await?,
-    })
+    scope: Option<Scope<'_>>,
+    items: &[(&Tenant, &'a StartInstance, Option<&str>)],
+) -> Result<HashMap<(Uuid, &'a str, Option<i32>), Option<Resolved>>, Error> {
+    let mut keys: Vec<(Uuid, &'a str, Option<i32>)> = items
+        .iter()
+        .map(|(tenant, request, _)| (tenant.id, request.definition.as_str(), request.version))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // Prepared first, so that every request below goes out on the first
+    // poll, in order: the scope, then the look-ups.
+    let lookup = transaction.prepare_cached(RESOLVE_SQL).await?;
+    let scope_statement = if scope.is_some() {
+        Some(transaction.prepare_cached(crate::SCOPE_SQL).await?)
+    } else {
+        None
+    };
+    let (tenant, tenants, system) = scope.map(Scope::settings).unwrap_or_default();
+    let scoped = async {
+        match &scope_statement {
+            Some(statement) => transaction
+                .execute(statement, &[&tenant, &tenants, &system])
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    };
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 3]> = keys
+        .iter()
+        .map(|(tenant_id, name, version)| {
+            [
+                tenant_id as &(dyn tokio_postgres::types::ToSql + Sync),
+                name,
+                version,
+            ]
+        })
+        .collect();
+    let lookups = futures::future::join_all(
+        params
+            .iter()
+            .map(|params| transaction.query_opt(&lookup, params)),
+    );
+    let (scoped, rows) = futures::join!(scoped, lookups);
+    scoped?;
+    let mut resolved = HashMap::with_capacity(keys.len());
+    for (key, row) in keys.into_iter().zip(rows) {
+        let found = match row? {
+            Some(row) => {
+                let id: Uuid = row.get(0);
+                Some(Resolved {
+                    id,
+                    version: row.get(1),
+                    definition: progress::definition_by_id(transaction, id).await?,
+                })
+            }
+            None => None,
+        };
+        resolved.insert(key, found);
+    }
+    Ok(resolved)
 }
+
+/// The newest version of a tenant's definition, or the version asked for.
+const RESOLVE_SQL: &str = "SELECT id, version FROM definitions \
+     WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) \
+     ORDER BY version DESC LIMIT 1";
 
 /// Creates a child instance for a sub-workflow step; `None` when the
 /// definition does not exist. The caller advances it.

@@ -716,16 +716,27 @@ fn wakes_of(received: &std::sync::Mutex<Vec<String>>, tenant: &str) -> usize {
 
 #[tokio::test]
 async fn group_commits_wake_the_dispatcher_once_they_committed() {
-    // The group commits (a start, a worker's results) notify the ready
-    // channel after their commits, not inside them; a listener still hears
-    // each tenant whose runs became ready. (The channel is shared by every
-    // test on this database: only this tenant's payloads are counted.)
+    // The group commits (a start, a worker's results) wake the dispatcher
+    // after their commits, not inside them. On the leader, a start wakes
+    // its own dispatcher directly, without NOTIFY; starts on another
+    // master and a worker's results notify the ready channel, and a
+    // listener hears each tenant whose runs became ready. (The channel is
+    // shared by every test on this database: only this tenant's payloads
+    // are counted.)
     let mut sandbox = Sandbox::new().await;
-    let master = sandbox.start_master().await;
-    let url = sandbox.url(master);
-    let key = sandbox.tenant(&url, "ward-9", "gold").await;
+    let leader = sandbox.start_master().await;
+    let leader_url = sandbox.url(leader);
     sandbox
-        .publish(&url, &key, &sequential("wake", &["noop", "noop"]))
+        .wait_metric(&leader_url, "ward_leader 1", Duration::from_secs(30))
+        .await;
+    let follower = sandbox.start_master().await;
+    let follower_url = sandbox.url(follower);
+    let key = sandbox.tenant(&leader_url, "ward-9", "gold").await;
+    sandbox
+        .publish(&leader_url, &key, &sequential("wake-one", &["noop"]))
+        .await;
+    sandbox
+        .publish(&leader_url, &key, &sequential("wake", &["noop", "noop"]))
         .await;
     let tenant: Uuid = sandbox
         .sql()
@@ -753,27 +764,39 @@ async fn group_commits_wake_the_dispatcher_once_they_committed() {
         .batch_execute(&format!("LISTEN {}", ward_store::READY_CHANNEL))
         .await
         .unwrap();
-
-    // The start's group commit makes step 1 ready: one wake-up.
-    let id = sandbox
-        .start_instance(&url, &key, &json!({ "definition": "wake" }))
-        .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while wakes_of(&received, &tenant) < 1 {
-        assert!(Instant::now() < deadline, "the start woke no listener");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The worker's group commit of step 1 makes step 2 ready: another.
     sandbox.start_worker(Registry::builtin()).await;
+
+    // A start on the leader wakes its dispatcher in the process: the
+    // one-step instance runs, and nothing of this tenant was notified.
+    let id = sandbox
+        .start_instance(&leader_url, &key, &json!({ "definition": "wake-one" }))
+        .await;
     let finished = sandbox
-        .wait_finished(&url, &key, &id, Duration::from_secs(30))
+        .wait_finished(&leader_url, &key, &id, Duration::from_secs(30))
+        .await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        wakes_of(&received, &tenant),
+        0,
+        "the leader's start was notified through Postgres"
+    );
+
+    // A start on the other master notifies (step 1 ready), and so does the
+    // worker's group commit of step 1 (step 2 ready): two wake-ups.
+    let id = sandbox
+        .start_instance(&follower_url, &key, &json!({ "definition": "wake" }))
+        .await;
+    let finished = sandbox
+        .wait_finished(&leader_url, &key, &id, Duration::from_secs(30))
         .await;
     assert_eq!(finished["status"], "completed", "{finished}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while wakes_of(&received, &tenant) < 2 {
         assert!(
             Instant::now() < deadline,
-            "the worker's commit woke no listener"
+            "the other master's start and the worker's commit woke the listener {} times, not 2",
+            wakes_of(&received, &tenant)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
