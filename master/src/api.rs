@@ -187,14 +187,19 @@ const KEY_CACHE_ENTRIES_MAX: u64 = 50_000;
 /// quotas, or that the key is unknown), by their hash, for
 /// `key_cache_ttl_ms`. Without it every request read the store once before
 /// its own work: a status query paid two round trips, and a start its own
-/// statement outside the group commit. An admin change made through this
-/// master (tenant status or quotas, a revoked key, an apply) forgets every
-/// key at once; one made through another master reaches this one within
-/// the TTL.
+/// statement outside the group commit. An admin change (tenant status,
+/// tier or quotas, a revoked key, an apply), through any master, forgets
+/// every key when it commits (`listen_tenancy`); the TTL bounds a change
+/// missed while this master could not listen.
 #[derive(Clone)]
 pub struct KeyCache {
     /// `None` when `key_cache_ttl_ms` is 0.
     tenants: Option<moka::sync::Cache<Vec<u8>, Option<Tenant>>>,
+    /// Counts the clears: a look-up keeps its answer only if no clear came
+    /// while it read the store (its answer may predate the change). Held
+    /// while an answer is kept and while the keys are cleared, so neither
+    /// comes between the other's check and its change.
+    generation: Arc<std::sync::Mutex<u64>>,
 }
 
 impl KeyCache {
@@ -207,6 +212,7 @@ impl KeyCache {
                     .time_to_live(std::time::Duration::from_millis(ttl_ms))
                     .build()
             }),
+            generation: Arc::default(),
         }
     }
 
@@ -221,15 +227,27 @@ impl KeyCache {
         if let Some(tenant) = self.tenants.as_ref().and_then(|tenants| tenants.get(&hash)) {
             return Ok(tenant);
         }
+        let generation = *self.generation();
         let tenant = store.tenant_for_key_hash(&hash).await?;
         if let Some(tenants) = &self.tenants {
-            tenants.insert(hash, tenant.clone());
+            let current = self.generation();
+            if *current == generation {
+                tenants.insert(hash, tenant.clone());
+            }
         }
         Ok(tenant)
     }
 
+    fn generation(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.generation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Forgets every key: called after an admin change to tenants or keys.
     pub fn forget_all(&self) {
+        let mut generation = self.generation();
+        *generation += 1;
         if let Some(tenants) = &self.tenants {
             tenants.invalidate_all();
         }

@@ -27,8 +27,9 @@ pub struct Config {
     pub payload_bytes_max: usize,
     /// How long this master answers requests from an API key it resolved
     /// (its tenant, status and quotas) before asking the store again; 0
-    /// asks every time. Admin changes made through this master apply at
-    /// once; through another master, within this.
+    /// asks every time. Admin changes, through any master, clear every
+    /// master's keys when they commit (`TENANCY_CHANNEL`); this bounds how
+    /// long a change is missed while a master's LISTEN connection is down.
     pub key_cache_ttl_ms: u64,
     /// Bound on draining in-flight work at shutdown.
     pub shutdown_deadline_ms: u64,
@@ -76,7 +77,7 @@ impl Default for Config {
             dispatch: Dispatch::default(),
             autoscale: crate::autoscale::Autoscale::default(),
             payload_bytes_max: 256 * 1024,
-            key_cache_ttl_ms: 5_000,
+            key_cache_ttl_ms: 60_000,
             shutdown_deadline_ms: 10_000,
             log_json: false,
         }

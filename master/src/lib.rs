@@ -59,6 +59,12 @@ impl Master {
             shutdown.clone(),
         ));
         let registry = Arc::new(ward_membership::Registry::new(config.etcd.clone()));
+        let keys = api::KeyCache::new(config.key_cache_ttl_ms);
+        tracker.spawn(listen_tenancy(
+            db_settings.clone(),
+            keys.clone(),
+            shutdown.clone(),
+        ));
         let app = api::router(api::AppState {
             store: store.clone(),
             config: config.clone(),
@@ -68,7 +74,7 @@ impl Master {
             registry: registry.clone(),
             starts: starts::StartCommitter::spawn(store.clone()),
             running: Default::default(),
-            keys: api::KeyCache::new(config.key_cache_ttl_ms),
+            keys,
         });
         let http_shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -249,6 +255,43 @@ async fn listen_ready(
                 }
             }
             Err(error) => tracing::debug!(%error, "listen for ready tasks failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(RECONNECT_MS)) => {}
+        }
+    }
+}
+
+/// Forgets the resolved API keys whenever tenants or keys change, through
+/// any master (`TENANCY_CHANNEL`), and each time it (re)connects: a change
+/// made while it was not listening is not missed for longer than that.
+async fn listen_tenancy(
+    settings: ward_store::Settings,
+    keys: api::KeyCache,
+    shutdown: CancellationToken,
+) {
+    const RECONNECT_MS: u64 = 1_000;
+    let changed = Arc::new(tokio::sync::Notify::new());
+    while !shutdown.is_cancelled() {
+        match ward_store::Listener::start_on(
+            &settings,
+            ward_store::TENANCY_CHANNEL,
+            changed.clone(),
+            None,
+        )
+        .await
+        {
+            Ok(listener) => {
+                keys.forget_all();
+                while !listener.is_closed() {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = changed.notified() => keys.forget_all(),
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "listen for tenancy changes failed"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

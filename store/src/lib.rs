@@ -42,6 +42,11 @@ pub use workflow::{
 /// The channel a transaction notifies when it makes a task ready.
 pub const READY_CHANNEL: &str = "ward_ready";
 
+/// The NOTIFY channel of admin changes to tenants and API keys (a tenant's
+/// status, tier or quotas, a revoked key, an apply), committed with them:
+/// each master forgets the API keys it resolved (`master/src/api.rs`).
+pub const TENANCY_CHANNEL: &str = "ward_tenancy";
+
 mod embedded {
     refinery::embed_migrations!("../migrations");
 }
@@ -160,8 +165,9 @@ pub(crate) const SCOPE_SQL: &str = "SELECT set_config('ward.tenant_id', $1, true
      set_config('ward.tenant_ids', $2, true), set_config('ward.system', $3, true)";
 
 /// Runs one tenant's reads in a read-only transaction scoped to it, in ONE
-/// round trip: BEGIN, the scope, the reads and COMMIT are pipelined on the
-/// connection, and the server runs them in that order. `reads` must send
+/// round trip: BEGIN, the scope, the reads and COMMIT (all four prepared
+/// statements) are pipelined on the connection, and the server runs them
+/// in that order. `reads` must send
 /// every request on its first poll: queries of statements prepared
 /// beforehand (`prepare_cached`), joined; never `query_c` and the like,
 /// whose statement, on a cache miss, would be prepared first and run after
@@ -176,15 +182,22 @@ pub(crate) async fn read_scoped<T, Reads>(
 where
     Reads: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 {
-    let scope = client.prepare_cached(SCOPE_SQL).await?;
+    // BEGIN and COMMIT prepared too: Postgres then parses neither on
+    // every read.
+    let (begin, scope, commit) = futures::future::try_join3(
+        client.prepare_cached("BEGIN READ ONLY"),
+        client.prepare_cached(SCOPE_SQL),
+        client.prepare_cached("COMMIT"),
+    )
+    .await?;
     let (tenant, tenants, system) = Scope::Tenant(tenant_id).settings();
     let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
         [&tenant, &tenants, &system];
     let (begun, scoped, read, committed) = futures::join!(
-        client.batch_execute("BEGIN READ ONLY"),
+        client.execute(&begin, &[]),
         client.execute(&scope, &scope_params),
         reads,
-        client.batch_execute("COMMIT"),
+        client.execute(&commit, &[]),
     );
     begun?;
     scoped?;
@@ -229,9 +242,9 @@ impl Store {
         // Generic plans: every cached statement is planned once per
         // connection, not on each execution. (Custom plans re-planned the
         // hot statements every time, inlining the row-security functions
-        // again: most of Postgres's CPU under load. Statements whose best
-        // plan depends on their parameters, the filtered list, ask for a
-        // custom plan themselves.) No JIT: its compile time (hundreds of
+        // again: most of Postgres's CPU under load. The filtered list,
+        // whose best index depends on the filters given, has one statement
+        // per set of filters.) No JIT: its compile time (hundreds of
         // ms) dwarfs any statement of this workload; with a large backlog
         // the dispatch claim's estimated cost crossed `jit_above_cost` and
         // every claim paid ~200 ms of compilation for 3 ms of work.

@@ -1,5 +1,6 @@
 //! LISTEN on the ready channel: wakes the dispatcher when a transaction makes
-//! a task ready, so it need not poll tightly.
+//! a task ready, so it need not poll tightly (and, on another channel, tells
+//! masters that tenants or keys changed).
 
 use std::sync::Arc;
 
@@ -33,6 +34,16 @@ impl Listener {
         notify: Arc<Notify>,
         payloads: Option<tokio::sync::mpsc::Sender<String>>,
     ) -> Result<Listener, Error> {
+        Listener::start_on(settings, READY_CHANNEL, notify, payloads).await
+    }
+
+    /// As [`Listener::start_with_payloads`], on `channel`.
+    pub async fn start_on(
+        settings: &Settings,
+        channel: &str,
+        notify: Arc<Notify>,
+        payloads: Option<tokio::sync::mpsc::Sender<String>>,
+    ) -> Result<Listener, Error> {
         let (client, mut connection) = crate::pg_config(settings)?.connect(NoTls).await?;
         let wake = notify.clone();
         let task = tokio::spawn(async move {
@@ -52,9 +63,7 @@ impl Listener {
             }
             wake.notify_one();
         });
-        client
-            .batch_execute(&format!("LISTEN {READY_CHANNEL}"))
-            .await?;
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
         Ok(Listener {
             _client: client,
             task,

@@ -113,6 +113,9 @@ impl Store {
                 &[&slug, &tier, &status, &quota(0), &quota(1), &quota(2), &quota(3)],
             )
             .await?;
+        if row.is_some() {
+            notify_tenancy(&transaction).await?;
+        }
         transaction.commit().await?;
         Ok(row.map(|row| tenant_record(&row)))
     }
@@ -177,6 +180,9 @@ impl Store {
                 &[&key_id, &slug],
             )
             .await?;
+        if revoked == 1 {
+            notify_tenancy(&transaction).await?;
+        }
         transaction.commit().await?;
         Ok(revoked == 1)
     }
@@ -283,6 +289,7 @@ impl Store {
             report.keys.clear();
             transaction.rollback().await?;
         } else {
+            notify_tenancy(&transaction).await?;
             transaction.commit().await?;
         }
         Ok(report)
@@ -432,4 +439,13 @@ fn tenant_record(row: &tokio_postgres::Row) -> TenantRecord {
         created_at: row.get(8),
         updated_at: row.get(9),
     }
+}
+
+/// Tells every master, once `transaction` commits, that tenants or keys
+/// changed (`TENANCY_CHANNEL`).
+async fn notify_tenancy(transaction: &deadpool_postgres::Transaction<'_>) -> Result<(), Error> {
+    transaction
+        .execute_c("SELECT pg_notify($1, '')", &[&crate::TENANCY_CHANNEL])
+        .await?;
+    Ok(())
 }

@@ -328,37 +328,38 @@ impl Store {
     ) -> Result<InstanceList, Error> {
         let client = self.pool.get().await?;
         let limit = filter.limit.clamp(1, LIST_LIMIT_MAX);
-        let page = client
-            .prepare_cached(
-                "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
-                 i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
-                 WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.definition_name = $2) \
-                 AND ($3::text IS NULL OR i.status = $3) AND ($4::text IS NULL OR i.business_key = $4) \
-                 AND ($5::uuid IS NULL OR i.id < $5) ORDER BY i.id DESC LIMIT $6",
-            )
-            .await?;
-        // The best index depends on which filters are set: plan per call.
-        // The setting and the query go out with their transaction: one
-        // round trip.
-        let (_, rows) = read_scoped(
-            &client,
-            tenant.id,
-            futures::future::try_join(
-                client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
-                client.query(
-                    &page,
-                    &[
-                        &tenant.id,
-                        &filter.definition,
-                        &filter.status,
-                        &filter.business_key,
-                        &filter.before,
-                        &(limit + 1),
-                    ],
-                ),
+        // One statement per set of filters given (at most 16), so that each
+        // one's generic plan fits it: the filters decide the index.
+        let limit_plus_one = limit + 1;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&tenant.id];
+        let mut sql = String::from(
+            "SELECT i.id, i.definition_name, d.version, i.status, i.business_key, i.created_at, i.updated_at, \
+             i.completed_at FROM instances i JOIN definitions d ON d.id = i.definition_id \
+             WHERE i.tenant_id = $1",
+        );
+        let filters: [(&str, Option<&(dyn tokio_postgres::types::ToSql + Sync)>); 4] = [
+            (
+                "i.definition_name =",
+                filter.definition.as_ref().map(|value| value as _),
             ),
-        )
-        .await?;
+            ("i.status =", filter.status.as_ref().map(|value| value as _)),
+            (
+                "i.business_key =",
+                filter.business_key.as_ref().map(|value| value as _),
+            ),
+            ("i.id <", filter.before.as_ref().map(|value| value as _)),
+        ];
+        for (condition, value) in filters {
+            if let Some(value) = value {
+                params.push(value);
+                sql.push_str(&format!(" AND {condition} ${}", params.len()));
+            }
+        }
+        params.push(&limit_plus_one);
+        sql.push_str(&format!(" ORDER BY i.id DESC LIMIT ${}", params.len()));
+        let page = client.prepare_cached(&sql).await?;
+        // The read goes out with its transaction: one round trip.
+        let rows = read_scoped(&client, tenant.id, client.query(&page, &params)).await?;
         let mut instances: Vec<InstanceSummary> = rows
             .into_iter()
             .map(|row| InstanceSummary {

@@ -626,3 +626,89 @@ async fn wardctl_apply_is_idempotent_with_a_dry_run_diff() {
     let _ = std::fs::remove_file(&keys);
     sandbox.teardown().await;
 }
+
+/// Calls `url` until it answers `expected` (for at most 5 s); the last body.
+async fn until_answered(
+    sandbox: &Sandbox,
+    method: Method,
+    url: &str,
+    api_key: &str,
+    body: Option<&Value>,
+    expected: u16,
+) -> Value {
+    let bytes = body.map(|body| serde_json::to_vec(body).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, answer) = sandbox
+            .call(method.clone(), url, Some(api_key), bytes.as_deref())
+            .await;
+        if status == expected {
+            return answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{method} {url} still answers {status} {answer}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_admin_change_through_one_master_applies_at_once_on_the_others() {
+    // Each master keeps the API keys it resolved for `key_cache_ttl_ms`
+    // (an hour here); a revoked key or a suspension made through another
+    // master still applies on it at once, through `TENANCY_CHANNEL`.
+    let mut sandbox = Sandbox::new().await;
+    let long_ttl = |config: &mut ward_master::Config| config.key_cache_ttl_ms = 3_600_000;
+    let first = sandbox.start_master_with(long_ttl).await;
+    let second = sandbox.start_master_with(long_ttl).await;
+    let (first_url, second_url) = (sandbox.url(first), sandbox.url(second));
+    let key = sandbox.tenant(&first_url, "brook-house", "gold").await;
+    let (status, created) = admin(
+        &sandbox,
+        Method::POST,
+        &format!("{first_url}/v1/admin/tenants/brook-house/keys"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let second_key = created["api_key"].as_str().unwrap().to_owned();
+    // The second master resolves (and keeps) both keys.
+    let usage = format!("{second_url}/v1/usage");
+    for api_key in [&key, &second_key] {
+        until_answered(&sandbox, Method::GET, &usage, api_key, None, 200).await;
+    }
+
+    // A key revoked through the first master fails on the second.
+    let key_id = created["id"].as_str().unwrap();
+    let (status, _) = admin(
+        &sandbox,
+        Method::DELETE,
+        &format!("{first_url}/v1/admin/tenants/brook-house/keys/{key_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    until_answered(&sandbox, Method::GET, &usage, &second_key, None, 401).await;
+
+    // A tenant suspended through the first master is refused on the second.
+    let (status, _) = admin(
+        &sandbox,
+        Method::PATCH,
+        &format!("{first_url}/v1/admin/tenants/brook-house"),
+        Some(json!({ "status": "suspended" })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let refused = until_answered(
+        &sandbox,
+        Method::POST,
+        &format!("{second_url}/v1/instances"),
+        &key,
+        Some(&json!({ "definition": "none" })),
+        403,
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "tenant_suspended", "{refused}");
+    sandbox.teardown().await;
+}
