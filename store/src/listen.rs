@@ -37,7 +37,8 @@ impl Listener {
         Listener::start_on(settings, READY_CHANNEL, notify, payloads).await
     }
 
-    /// As [`Listener::start_with_payloads`], on `channel`.
+    /// As [`Listener::start_with_payloads`], on `channel`: one of this
+    /// crate's channel constants (it goes into `LISTEN` as an identifier).
     pub async fn start_on(
         settings: &Settings,
         channel: &str,
