@@ -244,7 +244,10 @@ impl KeyCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Forgets every key: called after an admin change to tenants or keys.
+    /// Forgets every key: on each `TENANCY_CHANNEL` notification, and by
+    /// the admin handlers right after their change, so that the master
+    /// that made it applies it before it answers (the notification comes a
+    /// moment later).
     pub fn forget_all(&self) {
         let mut generation = self.generation();
         *generation += 1;

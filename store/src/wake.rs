@@ -93,9 +93,7 @@ impl Store {
             tokio::spawn(send_wakes(self.clone()));
         }
     }
-}
 
-impl Store {
     /// Registers (Some) or removes (None) this process's dispatcher: while
     /// registered, wake-ups after this store's commits go to it directly
     /// instead of through NOTIFY. The dispatcher removes itself when its
