@@ -68,6 +68,7 @@ impl Vacuum {
                             table = %table.table,
                             dead_rows = table.dead,
                             live_rows = table.live,
+                            analyzed = table.analyzed,
                             "vacuumed a hot table autovacuum leaves alone"
                         );
                     }

@@ -46,8 +46,8 @@ impl Store {
         &self,
         letter: &DeadLetter,
     ) -> Result<DeadLetterOutcome, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         let message = letter.message.as_ref();
         let tier: Option<String> = match message {
             Some(message) => transaction
@@ -153,12 +153,12 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<DeadLetterRecord>, Error> {
         let limit = limit.clamp(1, DEAD_LETTER_PAGE_MAX);
-        let mut client = self.pool.get().await?;
+        let client = self.pool.get().await?;
         let scope = match tenant_id {
             Some(tenant_id) => Scope::Tenant(tenant_id),
             None => Scope::System,
         };
-        let transaction = scoped(&mut client, scope).await?;
+        let transaction = scoped(client, scope).await?;
         let rows = transaction
             .query_c(
                 "SELECT id, tenant_id, instance_id, task_run_id, step_id, attempt, tier, reason, \

@@ -15,7 +15,7 @@ use ward_shared::wire::{HttpCall, StartInstance, TaskMessage};
 
 use crate::Cached;
 use crate::progress::{self, Settlement};
-use crate::{Error, READY_CHANNEL, SCOPE_SQL, Scope, Store, Tenant, scoped};
+use crate::{Error, READY_CHANNEL, SCOPE_SQL, Scope, Store, Tenant, Tx, scoped};
 
 /// A ready task claimed for dispatch, with the tier queue it goes to.
 #[derive(Debug, Clone)]
@@ -38,8 +38,7 @@ impl Store {
         etcd_cluster_id: i64,
         holder: &str,
     ) -> Result<i64, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        let transaction = scoped(self.pool.get().await?, Scope::System).await?;
         let claimed = transaction
             .query_opt_c(
                 "INSERT INTO leader_epoch (id, epoch, holder, elected_at, etcd_cluster_id, etcd_revision) \
@@ -119,10 +118,10 @@ impl Store {
         Fut: Future<Output = Result<(), E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        // BEGIN goes out with the claim (`claim_and_publish`).
+        let transaction = Tx::open(self.pool.get().await?);
         let dispatched = claim_and_publish(
-            &transaction,
+            transaction,
             epoch,
             lease,
             "SELECT id, tenant_id, instance_id, step_id, handler, attempt, tier, idempotency_key, input, kind, config, \
@@ -133,10 +132,6 @@ impl Store {
             publish,
         )
         .await?;
-        if dispatched.is_empty() {
-            return Ok(0);
-        }
-        transaction.commit().await?;
         Ok(dispatched.values().sum())
     }
 
@@ -166,10 +161,10 @@ impl Store {
         let tenants: Vec<Uuid> = picks.iter().map(|pick| pick.tenant_id).collect();
         let tiers: Vec<&str> = picks.iter().map(|pick| pick.tier.as_str()).collect();
         let counts: Vec<i64> = picks.iter().map(|pick| pick.count).collect();
-        let mut client = self.pool.get().await?;
-        let transaction = client.transaction().await?;
+        // BEGIN goes out with the claim (`claim_and_publish`).
+        let transaction = Tx::open(self.pool.get().await?);
         let dispatched = claim_and_publish(
-            &transaction,
+            transaction,
             epoch,
             lease,
             "SELECT r.id, r.tenant_id, r.instance_id, r.step_id, r.handler, r.attempt, r.tier, r.idempotency_key, \
@@ -188,7 +183,6 @@ impl Store {
             publish,
         )
         .await?;
-        transaction.commit().await?;
         Ok(dispatched)
     }
 
@@ -206,8 +200,8 @@ impl Store {
 
     /// Number of ready tasks per tier (the backlog kept in Postgres).
     pub async fn ready_backlog(&self) -> Result<Vec<(String, i64)>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let rows = client
             .query_c(
                 "SELECT tier, count(*) FROM task_runs WHERE state = 'ready' AND NOT external GROUP BY tier",
@@ -226,8 +220,8 @@ impl Store {
     /// they ended.
     pub async fn fire_due_timers(&self, epoch: i64, batch_len_max: i64) -> Result<Fired, Error> {
         let due = {
-            let mut client = self.pool.get().await?;
-            let client = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let client = scoped(client, Scope::System).await?;
             client
                 .query_c(
                     "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'waiting' \
@@ -240,8 +234,8 @@ impl Store {
         for row in due {
             let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
                 (row.get(0), row.get(1), row.get(2));
-            let mut client = self.pool.get().await?;
-            let transaction = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let transaction = scoped(client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let mut completion = None;
             // Instance first, then the run: the order every writer uses.
@@ -327,8 +321,8 @@ impl Store {
     /// Returns how many expired.
     pub async fn expire_leases(&self, epoch: i64, batch_len_max: i64) -> Result<Fired, Error> {
         let expired = {
-            let mut client = self.pool.get().await?;
-            let client = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let client = scoped(client, Scope::System).await?;
             client
                 .query_c(
                     "SELECT id, tenant_id, instance_id FROM task_runs WHERE state = 'dispatched' \
@@ -341,8 +335,8 @@ impl Store {
         for row in expired {
             let (task_run_id, tenant_id, instance_id): (Uuid, Uuid, Uuid) =
                 (row.get(0), row.get(1), row.get(2));
-            let mut client = self.pool.get().await?;
-            let transaction = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let transaction = scoped(client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let still_expired = transaction
                 .query_opt_c(
@@ -387,8 +381,8 @@ impl Store {
         task_run_id: Uuid,
         lease_ms: i64,
     ) -> Result<bool, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant_id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant_id)).await?;
         let extended = client
             .execute_c(
                 "UPDATE task_runs SET lease_expires_at = now() + $1::bigint * interval '1 millisecond' \
@@ -403,8 +397,8 @@ impl Store {
     /// Returns external tasks whose lock expired to the ready state, under
     /// the epoch check. Returns how many.
     pub async fn reap_expired_locks(&self, epoch: i64, batch_len_max: i64) -> Result<u64, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         check_epoch(&transaction, epoch).await?;
         let reaped = transaction
             .execute_c(
@@ -429,8 +423,8 @@ impl Store {
     /// one. Returns how many instances started.
     pub async fn fire_due_schedules(&self, epoch: i64, batch_len_max: i64) -> Result<usize, Error> {
         let due: Vec<Uuid> = {
-            let mut client = self.pool.get().await?;
-            let client = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let client = scoped(client, Scope::System).await?;
             client
                 .query_c(
                     "SELECT id FROM schedules WHERE enabled AND next_fire_at <= now() ORDER BY next_fire_at LIMIT $1",
@@ -443,8 +437,8 @@ impl Store {
         };
         let mut started = 0;
         for schedule_id in due {
-            let mut client = self.pool.get().await?;
-            let transaction = scoped(&mut client, Scope::System).await?;
+            let client = self.pool.get().await?;
+            let transaction = scoped(client, Scope::System).await?;
             check_epoch(&transaction, epoch).await?;
             let Some(row) = transaction
                 .query_opt_c(
@@ -550,20 +544,20 @@ pub struct Pick {
     pub count: i64,
 }
 
-/// The dispatch transaction's first round trip: its scope (every tenant)
-/// and idle bound, the fence (the epoch row locked in share mode) and the
-/// claim, pipelined on the connection (the server runs them in this order).
-/// `claim_sql` locks the ready runs it claims and returns them; once
-/// `publish` (which gets them) returns Ok, one UPDATE marks them dispatched.
-/// Nothing of it lasts unless the caller commits, which it does only after
-/// this returns Ok, so only when the epoch matched. Returns how many runs
-/// were claimed per tenant.
+/// The dispatch transaction, in two round trips. The first: BEGIN, its
+/// scope (every tenant) and idle bound, the fence (the epoch row locked in
+/// share mode) and the claim, pipelined on the connection (the server runs
+/// them in this order). `claim_sql` locks the ready runs it claims and
+/// returns them; once `publish` (which gets them) returns Ok, the second
+/// marks them dispatched with one UPDATE and commits. Nothing of it lasts
+/// otherwise (the dropped `Tx` rolls back), so only when the epoch matched
+/// and every confirm came. Returns how many runs were claimed per tenant.
 ///
 /// The runs are marked after the confirms, not in the claim: a claim that
 /// wrote the new row versions at once, before waiting for the broker,
 /// tripled scenario 3's p99 in alternating A/B runs (CHANGELOG).
 async fn claim_and_publish<F, Fut, E>(
-    transaction: &deadpool_postgres::Transaction<'_>,
+    transaction: Tx,
     epoch: i64,
     lease: Lease,
     claim_sql: &str,
@@ -575,8 +569,10 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (scope, fence, claim) = futures::future::try_join3(
+    let (begin, scope, idle, fence, claim) = futures::future::try_join5(
+        transaction.begin_statement(),
         transaction.prepare_cached(SCOPE_SQL),
+        transaction.prepare_cached(IDLE_BOUND_SQL),
         transaction.prepare_cached(FENCE_SQL),
         transaction.prepare_cached(claim_sql),
     )
@@ -585,25 +581,28 @@ where
     let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
         [&tenant, &tenants, &system];
     // The transaction waits idle for the confirms: allow that, and no more.
-    let idle_bound = format!(
-        "SET LOCAL idle_in_transaction_session_timeout = {}",
-        lease
-            .publish_ms
-            .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
-            + PUBLISH_IDLE_MARGIN_MS
-    );
-    // `join`, not `try_join`: every request goes out on the first poll.
-    let (scoped, bounded, fence, claimed) = futures::join!(
+    let idle_bound_ms = (lease
+        .publish_ms
+        .clamp(0, i64::from(i32::MAX) - PUBLISH_IDLE_MARGIN_MS)
+        + PUBLISH_IDLE_MARGIN_MS)
+        .to_string();
+    let idle_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&idle_bound_ms];
+    // `join`, not `try_join`: every request goes out on the first poll, in
+    // this order.
+    let (begun, scoped, bounded, fence, claimed) = futures::join!(
+        transaction.execute(&begin, &[]),
         transaction.execute(&scope, &scope_params),
-        transaction.batch_execute(&idle_bound),
+        transaction.execute(&idle, &idle_params),
         transaction.query_opt(&fence, &[]),
         transaction.query(&claim, params),
     );
+    begun?;
     scoped?;
     bounded?;
     compare_epoch(epoch, fence?)?;
     let rows = claimed?;
     if rows.is_empty() {
+        // Nothing claimed: the dropped `Tx` rolls back without waiting.
         return Ok(HashMap::new());
     }
     let mut per_tenant: HashMap<Uuid, usize> = HashMap::new();
@@ -654,8 +653,9 @@ where
     publish(tasks)
         .await
         .map_err(|error| Error::Publish(error.into()))?;
+    // Marked and committed in one round trip.
     transaction
-        .execute_c(
+        .execute_and_commit(
             "UPDATE task_runs SET state = $1, dispatched_at = now(), dispatch_epoch = $2, \
              lease_expires_at = now() + (coalesce((config->>'timeout_ms')::bigint, $4) + $5) * interval '1 millisecond' \
              WHERE id = ANY($3) AND state = 'ready'",
@@ -664,6 +664,9 @@ where
         .await?;
     Ok(per_tenant)
 }
+
+/// Raises the transaction's idle bound (ms) for the publisher confirms.
+const IDLE_BOUND_SQL: &str = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)";
 
 /// Reads the current epoch, locking its row in share mode (see `check_epoch`).
 const FENCE_SQL: &str = "SELECT epoch FROM leader_epoch WHERE id = 1 FOR SHARE";
@@ -683,9 +686,6 @@ fn compare_epoch(epoch: i64, row: Option<tokio_postgres::Row>) -> Result<(), Err
 /// Locks the epoch row in share mode and compares: a newer leader's
 /// `claim_epoch` must wait for this transaction, and this transaction fails if
 /// a newer leader already claimed.
-async fn check_epoch(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    epoch: i64,
-) -> Result<(), Error> {
+async fn check_epoch(transaction: &Tx, epoch: i64) -> Result<(), Error> {
     compare_epoch(epoch, transaction.query_opt_c(FENCE_SQL, &[]).await?)
 }

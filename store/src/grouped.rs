@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use deadpool_postgres::Transaction;
+use crate::Tx;
 use serde_json::Value;
 use uuid::Uuid;
 use ward_shared::engine::{self, End, Run};
@@ -24,7 +24,7 @@ use crate::progress::{self, Locked, RunRows};
 /// plain plans made ready are added to `wake_after_commit`, for the caller
 /// to wake once it committed; the others wake from inside the transaction.
 pub(crate) async fn advance_many(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     instances: &[(&Locked, Vec<Run>)],
     wake_after_commit: &mut Vec<String>,
 ) -> Result<Vec<String>, Error> {
@@ -98,7 +98,7 @@ impl Ends {
 
     /// Ends the instances, cancels their pending runs, then cancels their
     /// running children (one by one: that is rare).
-    async fn write(self, transaction: &Transaction<'_>) -> Result<(), Error> {
+    async fn write(self, transaction: &Tx) -> Result<(), Error> {
         if self.id.is_empty() {
             return Ok(());
         }

@@ -12,6 +12,7 @@ mod runs;
 mod schedules;
 mod tenancy;
 mod tenants;
+mod tx;
 mod vacuum;
 mod wake;
 mod workflow;
@@ -32,6 +33,7 @@ pub use tenancy::{
     TenantSpec, TierSpec, Usage,
 };
 pub use tenants::{Tenant, TenantWithKey, key_hash};
+pub(crate) use tx::Tx;
 pub use vacuum::{DeadRows, Vacuumed};
 pub use wake::LocalWake;
 pub use workflow::{
@@ -127,17 +129,13 @@ pub(crate) enum Scope<'a> {
 }
 
 /// Begins a transaction and sets its scope with `set_config(..., true)`, so
-/// the setting ends with the transaction and never leaks through the pool.
-pub(crate) async fn scoped<'c>(
-    client: &'c mut deadpool_postgres::Object,
+/// the setting ends with the transaction and never leaks through the pool;
+/// BEGIN and the scope go out together (`Tx::begin`).
+pub(crate) async fn scoped(
+    client: deadpool_postgres::Object,
     scope: Scope<'_>,
-) -> Result<deadpool_postgres::Transaction<'c>, Error> {
-    let transaction = client.transaction().await?;
-    let (tenant, tenants, system) = scope.settings();
-    transaction
-        .execute_c(SCOPE_SQL, &[&tenant, &tenants, &system])
-        .await?;
-    Ok(transaction)
+) -> Result<Tx, Error> {
+    Tx::begin(client, scope).await
 }
 
 impl Scope<'_> {
@@ -435,44 +433,37 @@ pub(crate) trait Cached {
     ) -> Result<u64, tokio_postgres::Error>;
 }
 
-macro_rules! cached_impl {
-    ($type:ty) => {
-        impl Cached for $type {
-            async fn query_c(
-                &self,
-                sql: &str,
-                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-            ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                self.query(&statement, params).await
-            }
-            async fn query_one_c(
-                &self,
-                sql: &str,
-                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-            ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                self.query_one(&statement, params).await
-            }
-            async fn query_opt_c(
-                &self,
-                sql: &str,
-                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-            ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                self.query_opt(&statement, params).await
-            }
-            async fn execute_c(
-                &self,
-                sql: &str,
-                params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-            ) -> Result<u64, tokio_postgres::Error> {
-                let statement = self.prepare_cached(sql).await?;
-                self.execute(&statement, params).await
-            }
-        }
-    };
+impl Cached for deadpool_postgres::ClientWrapper {
+    async fn query_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query(&statement, params).await
+    }
+    async fn query_one_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_one(&statement, params).await
+    }
+    async fn query_opt_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_opt(&statement, params).await
+    }
+    async fn execute_c(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.execute(&statement, params).await
+    }
 }
-
-cached_impl!(deadpool_postgres::Transaction<'_>);
-cached_impl!(deadpool_postgres::ClientWrapper);

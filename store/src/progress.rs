@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
+use crate::Tx;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Transaction;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -81,10 +81,7 @@ static DEFINITIONS: LazyLock<Mutex<HashMap<Uuid, Arc<Definition>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// The definition version `id`, parsed once per process.
-pub(crate) async fn definition_by_id(
-    transaction: &Transaction<'_>,
-    id: Uuid,
-) -> Result<Arc<Definition>, Error> {
+pub(crate) async fn definition_by_id(transaction: &Tx, id: Uuid) -> Result<Arc<Definition>, Error> {
     let cached = DEFINITIONS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -111,7 +108,7 @@ pub(crate) async fn definition_by_id(
 
 /// Locks an instance of a tenant (FOR UPDATE) with its definition.
 pub(crate) async fn lock_instance(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenant_id: Uuid,
     instance_id: Uuid,
 ) -> Result<Option<Locked>, Error> {
@@ -130,7 +127,7 @@ pub(crate) async fn lock_instance(
 }
 
 pub(crate) async fn locked_from_row(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenant_id: Uuid,
     instance_id: Uuid,
     row: &tokio_postgres::Row,
@@ -154,7 +151,7 @@ pub(crate) async fn locked_from_row(
 /// for external tasks, locked by `lock_owner`), then advances the instance.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn settle<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     tenant_id: Uuid,
     instance_id: Uuid,
     task_run_id: Uuid,
@@ -234,7 +231,7 @@ pub(crate) fn settle<'a>(
 /// instance's status. When the instance ends and `notify_parent` is set, the
 /// parent's sub-workflow step is settled too.
 pub(crate) fn advance<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     instance: &'a Locked,
     notify_parent: bool,
 ) -> BoxFuture<'a, Result<String, Error>> {
@@ -244,7 +241,7 @@ pub(crate) fn advance<'a>(
 /// `advance` for an instance created in this transaction: it has no runs
 /// yet, so the first round plans without reading them.
 pub(crate) fn advance_new<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     instance: &'a Locked,
     notify_parent: bool,
 ) -> BoxFuture<'a, Result<String, Error>> {
@@ -253,10 +250,7 @@ pub(crate) fn advance_new<'a>(
 
 /// `advance` of an instance this transaction already locked, read again
 /// first (this transaction may have changed it since); returns its status.
-pub(crate) async fn advance_again(
-    transaction: &Transaction<'_>,
-    instance: &Locked,
-) -> Result<String, Error> {
+pub(crate) async fn advance_again(transaction: &Tx, instance: &Locked) -> Result<String, Error> {
     let Some(instance) = lock_instance(transaction, instance.tenant_id, instance.id).await? else {
         return Err(Error::Corrupt(format!("instance {} vanished", instance.id)));
     };
@@ -267,7 +261,7 @@ pub(crate) async fn advance_again(
 }
 
 fn advance_from<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     instance: &'a Locked,
     notify_parent: bool,
     mut known_runs: Option<Vec<Run>>,
@@ -310,7 +304,7 @@ fn advance_from<'a>(
     })
 }
 
-async fn load_runs(transaction: &Transaction<'_>, instance: &Locked) -> Result<Vec<Run>, Error> {
+async fn load_runs(transaction: &Tx, instance: &Locked) -> Result<Vec<Run>, Error> {
     let rows = transaction
         .query_c(
             "SELECT step_id, attempt, state, input, output, error, retryable FROM task_runs \
@@ -453,7 +447,7 @@ impl RunRows {
 
     /// Writes the runs (a run whose idempotency key and attempt exist is
     /// skipped) and wakes the dispatcher for their tenants, pipelined.
-    pub(crate) async fn write(self, transaction: &Transaction<'_>) -> Result<(), Error> {
+    pub(crate) async fn write(self, transaction: &Tx) -> Result<(), Error> {
         self.write_waking(transaction, None).await
     }
 
@@ -462,7 +456,7 @@ impl RunRows {
     /// (`Store::wake_after_commit`; see `wake` for why).
     pub(crate) async fn write_waking(
         mut self,
-        transaction: &Transaction<'_>,
+        transaction: &Tx,
         after_commit: Option<&mut Vec<String>>,
     ) -> Result<(), Error> {
         if self.id.is_empty() {
@@ -517,7 +511,7 @@ pub(crate) const RUNS_INSERT_SQL: &str = "INSERT INTO task_runs (id, tenant_id, 
 /// Notifies `tenants` on `READY_CHANNEL` from inside `transaction` (sent
 /// when it commits).
 pub(crate) async fn notify_in_transaction(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenants: &[String],
 ) -> Result<(), Error> {
     if !tenants.is_empty() {
@@ -533,11 +527,7 @@ pub(crate) async fn notify_in_transaction(
 
 /// Inserts the run for `start` (waking the dispatcher when it is ready).
 /// Returns whether it settled at once.
-async fn insert_start(
-    transaction: &Transaction<'_>,
-    instance: &Locked,
-    start: &Start,
-) -> Result<bool, Error> {
+async fn insert_start(transaction: &Tx, instance: &Locked, start: &Start) -> Result<bool, Error> {
     let step = instance
         .definition
         .step(&start.step_id)
@@ -679,7 +669,7 @@ impl<'a> NewRun<'a> {
 
 /// Inserts the waiting run of a signal or sub-workflow step.
 async fn insert_run(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     instance: &Locked,
     run: &NewRun<'_>,
     wait_ms: Option<u64>,
@@ -690,7 +680,7 @@ async fn insert_run(
 }
 
 async fn finish_run(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     task_run_id: Uuid,
     state: RunState,
     output: Option<&Value>,
@@ -708,7 +698,7 @@ async fn finish_run(
 /// Ends the instance: records status and output or error, cancels its
 /// pending runs and running children, and settles the parent's step.
 pub(crate) fn finish<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     instance: &'a Locked,
     end: End,
     notify_parent: bool,
@@ -738,7 +728,7 @@ pub(crate) fn finish<'a>(
 /// Cancels a running instance: pending runs and running children are
 /// cancelled; a parent's sub-workflow step fails.
 pub(crate) fn cancel<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     instance: &'a Locked,
 ) -> BoxFuture<'a, Result<(), Error>> {
     Box::pin(async move {
@@ -763,7 +753,7 @@ pub(crate) fn cancel<'a>(
 
 /// Settles the waiting sub-workflow step of a child's parent.
 async fn settle_parent(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     child: &Locked,
     parent_id: Uuid,
     parent_run_id: Uuid,
@@ -783,7 +773,7 @@ async fn settle_parent(
 }
 
 async fn end_instance(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     instance: &Locked,
     new_status: &str,
     output: Option<&Value>,
@@ -831,7 +821,7 @@ pub(crate) fn may_have_children(instance: &Locked) -> bool {
 /// Cancels a running child whose parent is ending (it must not settle the
 /// parent again).
 pub(crate) async fn cancel_orphan(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenant_id: Uuid,
     child_id: Uuid,
 ) -> Result<(), Error> {
@@ -843,7 +833,7 @@ pub(crate) async fn cancel_orphan(
 }
 
 fn end_instance_boxed<'a>(
-    transaction: &'a Transaction<'_>,
+    transaction: &'a Tx,
     child: &'a Locked,
 ) -> BoxFuture<'a, Result<(), Error>> {
     Box::pin(async move {

@@ -17,7 +17,7 @@ use ward_shared::wire::status;
 use crate::Cached;
 use crate::grouped;
 use crate::progress::{self, Completion, Locked, Settlement};
-use crate::{Error, Scope, Store, Tenant, scoped};
+use crate::{Error, Scope, Store, Tenant, Tx, scoped};
 
 /// Most tasks one fetch-and-lock may lock.
 pub const FETCH_TASKS_MAX: u32 = 100;
@@ -51,10 +51,7 @@ pub struct TaskResult {
 }
 
 /// Settles the dispatched (or not yet marked) run of a worker's result.
-async fn settle_result(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    result: &TaskResult,
-) -> Result<Completion, Error> {
+async fn settle_result(transaction: &Tx, result: &TaskResult) -> Result<Completion, Error> {
     progress::settle(
         transaction,
         result.tenant_id,
@@ -99,10 +96,7 @@ impl Recorded {
 
     /// Records the results on runs still ready or dispatched; returns the
     /// runs it changed.
-    async fn write(
-        &self,
-        transaction: &deadpool_postgres::Transaction<'_>,
-    ) -> Result<HashSet<Uuid>, Error> {
+    async fn write(&self, transaction: &Tx) -> Result<HashSet<Uuid>, Error> {
         if self.index.is_empty() {
             return Ok(HashSet::new());
         }
@@ -140,8 +134,8 @@ impl Store {
     /// Safe to call again with the same result, including after a COMMIT
     /// whose outcome is unknown: it answers `Duplicate`.
     pub async fn complete_task(&self, result: &TaskResult) -> Result<Completion, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(result.tenant_id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(result.tenant_id)).await?;
         let completion = settle_result(&transaction, result).await?;
         if matches!(completion, Completion::Applied { .. }) {
             transaction.commit().await?;
@@ -190,18 +184,18 @@ impl Store {
         let mut instances: Vec<Uuid> = results.iter().map(|result| result.instance_id).collect();
         instances.sort_unstable();
         instances.dedup();
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenants(&tenants)).await?;
         let mut wake = Vec::new();
         // Lock and read the instances, in id order, skipping busy ones. By
         // id alone: a `tenant_id = ANY` term here let a plan made before the
         // table had statistics read each tenant's every instance through a
         // list index (its cost grew with the tenant's history). The scope
-        // above keeps other tenants' rows out, and a result whose instance
-        // is of another tenant is answered `Unknown` below.
-        let rows = transaction
-            .query_c(
-                if skip_locked {
+        // keeps other tenants' rows out, and a result whose instance
+        // is of another tenant is answered `Unknown` below. BEGIN, the
+        // scope and this go out in one round trip.
+        let (transaction, rows) = Tx::begin_query(
+            self.pool.get().await?,
+            Scope::Tenants(&tenants),
+            if skip_locked {
                     "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
                      t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
                      WHERE i.id = ANY($1) ORDER BY i.id FOR UPDATE OF i SKIP LOCKED"
@@ -209,10 +203,10 @@ impl Store {
                     "SELECT i.status, i.definition_id, i.input, i.parent_instance_id, i.parent_task_run_id, i.depth, \
                      t.tier, i.tenant_id, i.id FROM instances i JOIN tenants t ON t.id = i.tenant_id \
                      WHERE i.id = ANY($1) ORDER BY i.id FOR UPDATE OF i"
-                },
-                &[&instances],
-            )
-            .await?;
+            },
+            &[&instances],
+        )
+        .await?;
         let mut locked: HashMap<Uuid, Locked> = HashMap::with_capacity(rows.len());
         for row in &rows {
             if let Some(instance) =
@@ -342,8 +336,8 @@ impl Store {
         max_tasks: u32,
         lock_ms: u64,
     ) -> Result<Vec<LockedTask>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let limit = i64::from(max_tasks.clamp(1, FETCH_TASKS_MAX));
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let rows = client
@@ -380,8 +374,8 @@ impl Store {
         worker_id: &str,
         settlement: Settlement,
     ) -> Result<ExternalOutcome, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         let Some(row) = transaction
             .query_opt_c(
                 "SELECT instance_id, dispatched_at FROM task_runs WHERE tenant_id = $1 AND id = $2 AND external",
@@ -432,8 +426,8 @@ impl Store {
         worker_id: &str,
         lock_ms: u64,
     ) -> Result<ExternalOutcome, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let lock_ms = i64::try_from(lock_ms.clamp(1, LOCK_MS_MAX)).unwrap_or(i64::MAX);
         let extended = client
             .execute_c(

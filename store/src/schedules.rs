@@ -24,8 +24,8 @@ impl Store {
             field: "cron".into(),
             message: "the expression never fires".into(),
         })?;
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         let count: i64 = transaction
             .query_one_c(
                 "SELECT count(*) FROM schedules WHERE tenant_id = $1 AND name <> $2",
@@ -74,8 +74,8 @@ impl Store {
 
     /// A tenant's schedules by name.
     pub async fn schedules(&self, tenant: &Tenant) -> Result<Vec<ScheduleView>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let rows = client
             .query_c(
                 "SELECT name, definition, version, cron, input, enabled, next_fire_at, last_fire_at, last_error \
@@ -101,8 +101,8 @@ impl Store {
 
     /// Deletes a schedule; false when there was none by that name.
     pub async fn delete_schedule(&self, tenant: &Tenant, name: &str) -> Result<bool, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let deleted = client
             .execute_c(
                 "DELETE FROM schedules WHERE tenant_id = $1 AND name = $2",

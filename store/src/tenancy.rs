@@ -10,7 +10,7 @@ pub use ward_shared::wire::{
 };
 
 use crate::Cached;
-use crate::{Error, Scope, Store, Tenant, scoped};
+use crate::{Error, Scope, Store, Tenant, Tx, scoped};
 
 /// Most tenants one apply call may carry.
 pub const APPLY_TENANTS_MAX: usize = 1_000;
@@ -28,8 +28,8 @@ pub struct ActiveTenant {
 impl Store {
     /// Every tier by name.
     pub async fn tiers(&self) -> Result<Vec<TierSpec>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let rows = client
             .query_c(
                 "SELECT name, weight, min_share_percent FROM tiers ORDER BY name",
@@ -48,8 +48,8 @@ impl Store {
 
     /// One tenant by slug (any status).
     pub async fn tenant_record(&self, slug: &str) -> Result<Option<TenantRecord>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let row = client
             .query_opt(&format!("{TENANT_SELECT} WHERE slug = $1"), &[&slug])
             .await?;
@@ -64,8 +64,8 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<TenantRecord>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let rows = client
             .query(
                 &format!(
@@ -87,8 +87,8 @@ impl Store {
         status: Option<&str>,
         quotas: Option<Quotas>,
     ) -> Result<Option<TenantRecord>, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         if let Some(tier) = tier {
             check_tier(&transaction, tier).await?;
         }
@@ -122,8 +122,8 @@ impl Store {
 
     /// Issues another API key for a tenant; the key is returned once.
     pub async fn create_key(&self, slug: &str) -> Result<Option<(KeyRecord, String)>, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         let Some(row) = transaction
             .query_opt_c(
                 "SELECT id FROM tenants WHERE slug = $1 AND status <> 'deleted'",
@@ -141,8 +141,8 @@ impl Store {
 
     /// A tenant's keys (prefixes only).
     pub async fn keys(&self, slug: &str) -> Result<Option<Vec<KeyRecord>>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         if client
             .query_opt_c("SELECT 1 FROM tenants WHERE slug = $1", &[&slug])
             .await?
@@ -171,8 +171,8 @@ impl Store {
 
     /// Revokes a key; false when the tenant has no such unrevoked key.
     pub async fn revoke_key(&self, slug: &str, key_id: Uuid) -> Result<bool, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         let revoked = transaction
             .execute_c(
                 "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL \
@@ -202,8 +202,8 @@ impl Store {
                 message: format!("at most {APPLY_TENANTS_MAX} tenants per call; split the file"),
             });
         }
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         let mut report = ApplyReport::default();
         for tier in tiers {
             let row = transaction
@@ -315,8 +315,8 @@ impl Store {
 
     /// A tenant's use of its quotas.
     pub async fn usage(&self, tenant: &Tenant) -> Result<Usage, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let row = client
             .query_one_c(
                 "SELECT (SELECT count(*) FROM instances WHERE tenant_id = $1 AND status = 'running'), \
@@ -336,8 +336,8 @@ impl Store {
     /// a skip scan over the ready index, so the cost grows with the number
     /// of such tenants, not with the backlog.
     pub async fn active_tenants(&self, tier: &str, limit: i64) -> Result<Vec<ActiveTenant>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let rows = client
             .query_c(
                 "WITH RECURSIVE ready AS ( \
@@ -368,8 +368,8 @@ impl Store {
         &self,
         tenant_id: Uuid,
     ) -> Result<Option<(String, ActiveTenant)>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let row = client
             .query_opt_c(
                 "SELECT tier, inflight_max, dispatch_rate_per_s FROM tenants WHERE id = $1 AND status = 'active'",
@@ -390,8 +390,8 @@ impl Store {
 
     /// Dispatched, unsettled task runs per (tier, tenant).
     pub async fn inflight(&self) -> Result<HashMap<(String, Uuid), i64>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::System).await?;
         let rows = client
             .query_c("SELECT tier, tenant_id, count(*) FROM task_runs WHERE state = 'dispatched' GROUP BY tier, tenant_id", &[])
             .await?;
@@ -402,10 +402,7 @@ impl Store {
     }
 }
 
-async fn check_tier(
-    transaction: &deadpool_postgres::Transaction<'_>,
-    tier: &str,
-) -> Result<(), Error> {
+async fn check_tier(transaction: &Tx, tier: &str) -> Result<(), Error> {
     if transaction
         .query_opt_c("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
         .await?
@@ -443,7 +440,7 @@ fn tenant_record(row: &tokio_postgres::Row) -> TenantRecord {
 
 /// Tells every master, once `transaction` commits, that tenants or keys
 /// changed (`TENANCY_CHANNEL`).
-async fn notify_tenancy(transaction: &deadpool_postgres::Transaction<'_>) -> Result<(), Error> {
+async fn notify_tenancy(transaction: &Tx) -> Result<(), Error> {
     transaction
         .execute_c("SELECT pg_notify($1, '')", &[&crate::TENANCY_CHANNEL])
         .await?;

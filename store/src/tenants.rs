@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::Cached;
 use crate::tenancy::Quotas;
-use crate::{Error, Scope, Store, scoped};
+use crate::{Error, Scope, Store, Tx, scoped};
 
 /// A tenant as request handling needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +40,8 @@ impl Store {
         tier: &str,
         quotas: Quotas,
     ) -> Result<TenantWithKey, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::System).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::System).await?;
         if transaction
             .query_opt_c("SELECT 1 FROM tiers WHERE name = $1", &[&tier])
             .await?
@@ -115,7 +115,7 @@ impl Store {
 /// Issues a key for `tenant_id` in `transaction`: stores its hash and
 /// prefix, returns its record and the key itself (shown once).
 pub(crate) async fn issue_key(
-    transaction: &deadpool_postgres::Transaction<'_>,
+    transaction: &Tx,
     tenant_id: Uuid,
 ) -> Result<(crate::KeyRecord, String), Error> {
     let (api_key, prefix) = new_api_key();

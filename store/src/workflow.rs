@@ -2,7 +2,7 @@
 //! one function every ingress calls), children, reading, listing, history,
 //! cancelling and signalling.
 
-use deadpool_postgres::Transaction;
+use crate::Tx;
 use serde_json::{Value, json};
 use uuid::Uuid;
 use ward_shared::Definition;
@@ -96,8 +96,8 @@ impl Store {
     ) -> Result<Published, Error> {
         let spec =
             serde_json::to_value(definition).map_err(|error| Error::Corrupt(error.to_string()))?;
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         transaction
             .execute_c(
                 "SELECT pg_advisory_xact_lock(hashtext($1::text || '/' || $2))",
@@ -144,8 +144,8 @@ impl Store {
         name: &str,
         version: Option<i32>,
     ) -> Result<bool, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let row = client
             .query_opt_c(
                 "SELECT 1 FROM definitions WHERE tenant_id = $1 AND name = $2 AND ($3::int IS NULL OR version = $3) LIMIT 1",
@@ -165,8 +165,8 @@ impl Store {
         request: &StartInstance,
         idempotency_key: Option<&str>,
     ) -> Result<Started, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         let mut wake = Vec::new();
         let started = start_one(&transaction, tenant, request, idempotency_key, &mut wake).await?;
         transaction.commit().await?;
@@ -224,9 +224,9 @@ impl Store {
         let mut tenants: Vec<Uuid> = items.iter().map(|(tenant, _, _)| tenant.id).collect();
         tenants.sort_unstable();
         tenants.dedup();
-        let mut client = self.pool.get().await?;
-        // The scope goes out with the definitions' look-ups (`start_items`).
-        let transaction = client.transaction().await?;
+        // BEGIN and the scope go out with the definitions' look-ups
+        // (`start_items`).
+        let transaction = Tx::open(self.pool.get().await?);
         let mut wake = Vec::new();
         let answers = start_items(
             &transaction,
@@ -391,8 +391,8 @@ impl Store {
         tenant: &Tenant,
         instance_id: Uuid,
     ) -> Result<Option<Vec<HistoryEvent>>, Error> {
-        let mut client = self.pool.get().await?;
-        let client = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let client = scoped(client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = client
             .query_opt_c(
                 "SELECT status, created_at, completed_at, error FROM instances WHERE tenant_id = $1 AND id = $2",
@@ -522,8 +522,8 @@ impl Store {
         tenant: &Tenant,
         instance_id: Uuid,
     ) -> Result<CancelOutcome, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
         else {
             return Ok(CancelOutcome::NotFound);
@@ -546,8 +546,8 @@ impl Store {
         name: &str,
         payload: &Value,
     ) -> Result<SignalOutcome, Error> {
-        let mut client = self.pool.get().await?;
-        let transaction = scoped(&mut client, Scope::Tenant(tenant.id)).await?;
+        let client = self.pool.get().await?;
+        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
         let Some(instance) = progress::lock_instance(&transaction, tenant.id, instance_id).await?
         else {
             return Ok(SignalOutcome::NotFound);
@@ -609,7 +609,7 @@ struct Resolved {
 
 /// Starts an instance inside `transaction` (see [`Store::start_instance`]).
 pub(crate) async fn start_instance_tx(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenant: &Tenant,
     request: &StartInstance,
     idempotency_key: Option<&str>,
@@ -624,7 +624,7 @@ pub(crate) async fn start_instance_tx(
 /// Starts an instance inside `transaction`; the tenant to wake once it
 /// committed is added to `wake_after_commit`.
 async fn start_one(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     tenant: &Tenant,
     request: &StartInstance,
     idempotency_key: Option<&str>,
@@ -649,13 +649,14 @@ async fn start_one(
 /// `all_or_none`, else only its item. An idempotency key or business key
 /// that matches an existing instance (or an earlier item) answers that one.
 ///
-/// `scope`, when given, is set first, pipelined with the look-ups of the
-/// definitions (the caller began the transaction without it). Items
-/// without keys cannot match an existing instance, so when no item has
-/// one the instances' INSERT and their runs' go out together too: a
-/// start group then costs BEGIN, one round trip, another, and COMMIT.
+/// `scope`, when given, means the caller opened `transaction` without
+/// BEGIN (`Tx::open`): BEGIN and the scope go out first, pipelined with
+/// the look-ups of the definitions. Items without keys cannot match an
+/// existing instance, so when no item has one the instances' INSERT and
+/// their runs' go out together too: a start group then costs one round
+/// trip, another, and COMMIT.
 async fn start_items(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     scope: Option<Scope<'_>>,
     items: &[(&Tenant, &StartInstance, Option<&str>)],
     all_or_none: bool,
@@ -843,7 +844,7 @@ impl NewInstances {
     /// Inserts the instances, in order, skipping any whose idempotency key
     /// or business key exists (or was inserted just before it); returns
     /// the ids inserted.
-    async fn write(&self, transaction: &Transaction<'_>) -> Result<HashSet<Uuid>, Error> {
+    async fn write(&self, transaction: &Tx) -> Result<HashSet<Uuid>, Error> {
         if self.id.is_empty() {
             return Ok(HashSet::new());
         }
@@ -869,7 +870,7 @@ impl NewInstances {
 }
 
 async fn resolve_definitions<'a>(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     scope: Option<Scope<'_>>,
     items: &[(&Tenant, &'a StartInstance, Option<&str>)],
 ) -> Result<HashMap<(Uuid, &'a str, Option<i32>), Option<Resolved>>, Error> {
@@ -880,20 +881,31 @@ async fn resolve_definitions<'a>(
     keys.sort_unstable();
     keys.dedup();
     // Prepared first, so that every request below goes out on the first
-    // poll, in order: the scope, then the look-ups.
+    // poll, in order: BEGIN and the scope, then the look-ups.
     let lookup = transaction.prepare_cached(RESOLVE_SQL).await?;
-    let scope_statement = if scope.is_some() {
-        Some(transaction.prepare_cached(crate::SCOPE_SQL).await?)
+    let opening = if scope.is_some() {
+        Some(
+            futures::future::try_join(
+                transaction.begin_statement(),
+                transaction.prepare_cached(crate::SCOPE_SQL),
+            )
+            .await?,
+        )
     } else {
         None
     };
     let (tenant, tenants, system) = scope.map(Scope::settings).unwrap_or_default();
+    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&tenant, &tenants, &system];
     let scoped = async {
-        match &scope_statement {
-            Some(statement) => transaction
-                .execute(statement, &[&tenant, &tenants, &system])
-                .await
-                .map(drop),
+        match &opening {
+            Some((begin, scope_statement)) => {
+                let (begun, scoped) = futures::join!(
+                    transaction.execute(begin, &[]),
+                    transaction.execute(scope_statement, &scope_params),
+                );
+                begun.and(scoped).map(drop)
+            }
             None => Ok(()),
         }
     };
@@ -940,7 +952,7 @@ const RESOLVE_SQL: &str = "SELECT id, version FROM definitions \
 /// Creates a child instance for a sub-workflow step; `None` when the
 /// definition does not exist. The caller advances it.
 pub(crate) async fn create_child(
-    transaction: &Transaction<'_>,
+    transaction: &Tx,
     parent: &Locked,
     name: &str,
     version: Option<i32>,

@@ -288,3 +288,88 @@ async fn a_stale_epoch_can_write_nothing() {
     ));
     sandbox.teardown().await;
 }
+
+/// A dispatch transaction that fails after its claim (the broker refused
+/// the batch) rolls back when it is dropped: its runs can be claimed again
+/// at once, not only after the server's idle bound ends the session, and
+/// the connection goes back to the pool usable.
+#[tokio::test]
+async fn a_failed_dispatch_releases_its_claim_at_once() {
+    let sandbox = Sandbox::new().await;
+    let store = sandbox.store().await;
+    let tenant = store
+        .create_tenant("refused", "gold", ward_store::Quotas::default())
+        .await
+        .unwrap()
+        .tenant;
+    let definition = ward_shared::Definition::from_json(
+        serde_json::to_string(&sequential("refused", &["echo"]))
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    store
+        .publish_definition(&tenant, &definition)
+        .await
+        .unwrap();
+    let request = StartInstance {
+        definition: "refused".into(),
+        version: None,
+        input: json!({}),
+        business_key: None,
+        trace_parent: None,
+    };
+    store.start_instance(&tenant, &request, None).await.unwrap();
+    let epoch = store.claim_epoch(200, 9, "leader").await.unwrap();
+    let refused = store
+        .dispatch_ready(epoch, LEASE, 10, |tasks| async move {
+            assert_eq!(tasks.len(), 1);
+            Err::<(), _>(std::io::Error::other("broker refused the batch"))
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(ward_store::Error::Publish(_))),
+        "{refused:?}"
+    );
+    // The claim's row lock is gone well within the dispatch transaction's
+    // idle bound (publish_ms + 500 ms): a session of our own locks the
+    // run without waiting.
+    let mut sql = sandbox.sql().await;
+    let deadline = Instant::now() + Duration::from_millis(1_000);
+    loop {
+        let transaction = sql.transaction().await.unwrap();
+        let locked = transaction
+            .query("SELECT state FROM task_runs FOR UPDATE NOWAIT", &[])
+            .await;
+        drop(transaction);
+        match locked {
+            Ok(rows) => {
+                assert_eq!(rows.len(), 1);
+                assert_eq!(rows[0].get::<_, String>(0), "ready");
+                break;
+            }
+            Err(error) => assert!(
+                Instant::now() < deadline,
+                "the failed dispatch still holds its claim: {error:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pool's connections are usable, and the run is dispatched once.
+    assert_eq!(
+        store
+            .dispatch_ready(epoch, LEASE, 10, |_| async { Ok::<_, std::io::Error>(()) })
+            .await
+            .unwrap(),
+        1
+    );
+    let states: Vec<String> = sql
+        .query("SELECT state FROM task_runs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(states, ["dispatched"]);
+    sandbox.teardown().await;
+}
