@@ -154,25 +154,32 @@ async fn standby_master_takes_over_after_kill_and_sigterm() {
     sandbox.teardown().await;
 }
 
-#[tokio::test]
-async fn a_stale_epoch_can_write_nothing() {
-    let sandbox = Sandbox::new().await;
-    let store = sandbox.store().await;
+/// A new tenant with `definition`, one `echo` step, published through the store.
+async fn tenant_with_one_step(
+    store: &ward_store::Store,
+    slug: &str,
+    definition: &str,
+) -> ward_store::Tenant {
     let tenant = store
-        .create_tenant("fenced", "gold", ward_store::Quotas::default())
+        .create_tenant(slug, "gold", ward_store::Quotas::default())
         .await
         .unwrap()
         .tenant;
-    let definition = ward_shared::Definition::from_json(
-        serde_json::to_string(&sequential("fence", &["echo"]))
+    let parsed = ward_shared::Definition::from_json(
+        serde_json::to_string(&sequential(definition, &["echo"]))
             .unwrap()
             .as_bytes(),
     )
     .unwrap();
-    store
-        .publish_definition(&tenant, &definition)
-        .await
-        .unwrap();
+    store.publish_definition(&tenant, &parsed).await.unwrap();
+    tenant
+}
+
+#[tokio::test]
+async fn a_stale_epoch_can_write_nothing() {
+    let sandbox = Sandbox::new().await;
+    let store = sandbox.store().await;
+    let tenant = tenant_with_one_step(&store, "fenced", "fence").await;
     let start = |business_key: &str| StartInstance {
         definition: "fence".into(),
         version: None,
@@ -297,21 +304,7 @@ async fn a_stale_epoch_can_write_nothing() {
 async fn a_failed_dispatch_releases_its_claim_at_once() {
     let sandbox = Sandbox::new().await;
     let store = sandbox.store().await;
-    let tenant = store
-        .create_tenant("refused", "gold", ward_store::Quotas::default())
-        .await
-        .unwrap()
-        .tenant;
-    let definition = ward_shared::Definition::from_json(
-        serde_json::to_string(&sequential("refused", &["echo"]))
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
-    store
-        .publish_definition(&tenant, &definition)
-        .await
-        .unwrap();
+    let tenant = tenant_with_one_step(&store, "refused", "refused").await;
     let request = StartInstance {
         definition: "refused".into(),
         version: None,
@@ -341,7 +334,9 @@ async fn a_failed_dispatch_releases_its_claim_at_once() {
         let locked = transaction
             .query("SELECT state FROM task_runs FOR UPDATE NOWAIT", &[])
             .await;
-        drop(transaction);
+        // Waited for: a dropped transaction's ROLLBACK is not, and its lock
+        // would make the claim below skip the run.
+        transaction.rollback().await.unwrap();
         match locked {
             Ok(rows) => {
                 assert_eq!(rows.len(), 1);
