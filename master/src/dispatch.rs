@@ -120,6 +120,11 @@ struct Active {
     refreshed_at: Option<Instant>,
     /// The last round left ready work waiting for a free slot or quota.
     blocked: bool,
+    /// Known tenants woken again (new ready work committed) since a round
+    /// last came up short for them: a round that gets fewer runs than it
+    /// picked for one of these may have claimed before that work was
+    /// committed, so the tenant is not taken for drained.
+    rewoken: HashSet<Uuid>,
 }
 
 /// Keeps a dispatcher registered for local wake-ups while it lives.
@@ -174,6 +179,7 @@ pub async fn run(
         idle: HashMap::new(),
         refreshed_at: None,
         blocked: false,
+        rewoken: HashSet::new(),
     };
     let mut ledger = Ledger::default();
     let mut inflight = Inflight::default();
@@ -199,7 +205,9 @@ pub async fn run(
                         force_refresh = true;
                     }
                 }
-                Ok(_) => {}
+                Ok(tenant_id) => {
+                    active.rewoken.insert(tenant_id);
+                }
                 Err(_) => force_refresh = true,
             }
         }
@@ -384,6 +392,11 @@ async fn refresh(
         }
     }
     ledger.retain(&known);
+    // A round planned before this rebuild may still end after it.
+    let rewoken = std::mem::take(&mut active.rewoken)
+        .into_iter()
+        .filter(|tenant_id| known.contains(tenant_id))
+        .collect();
     *active = Active {
         tiers,
         by_tier,
@@ -391,6 +404,7 @@ async fn refresh(
         idle: HashMap::new(),
         refreshed_at: Some(Instant::now()),
         blocked: false,
+        rewoken,
     };
     Ok(())
 }
@@ -641,8 +655,19 @@ fn finish_round(
             if let Some(bucket) = ledger.buckets.get_mut(&pick.tenant_id) {
                 bucket.tokens += (pick.count - got) as f64;
             }
-            // A failed round says nothing about the tenant's ready work.
-            if dispatched.is_some() {
+            // A failed round says nothing about the tenant's ready work, and
+            // neither does one that ran beside another round with picks of
+            // the same tenant (its claim skipped the runs that round holds
+            // locked) or one whose tenant was woken again meanwhile (its
+            // claim may have run before that work committed, and the
+            // wake-up was not acted on while the tenant was active). The
+            // tenant then stays active; a later round finds out.
+            let another_round_holds = inflight_cache
+                .outstanding
+                .get(&key)
+                .is_some_and(|outstanding| *outstanding > 0);
+            let rewoken = active.rewoken.remove(&pick.tenant_id);
+            if dispatched.is_some() && !another_round_holds && !rewoken {
                 ledger.drained(pick.tenant_id);
                 if let Some(tenants) = active.by_tier.get_mut(&pick.tier) {
                     // Every copy goes; one is remembered.
