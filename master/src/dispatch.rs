@@ -748,3 +748,88 @@ async fn refresh_backlog(store: &Store, metrics: &Metrics, tiers: &[TierSpec]) {
         Err(error) => tracing::debug!(%error, "backlog refresh failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIER: &str = "gold";
+
+    fn active_with(tenant_id: Uuid) -> Active {
+        Active {
+            tiers: Vec::new(),
+            by_tier: HashMap::from([(
+                TIER.to_owned(),
+                vec![ActiveTenant {
+                    tenant_id,
+                    inflight_max: 0,
+                    dispatch_rate_per_s: 0,
+                }],
+            )]),
+            known: HashSet::from([tenant_id]),
+            idle: HashMap::new(),
+            refreshed_at: None,
+            blocked: false,
+            rewoken: HashSet::new(),
+        }
+    }
+
+    /// A round that picked 2 of the tenant's runs (counted outstanding, as
+    /// `plan_round` does) and got 1.
+    fn short_round(tenant_id: Uuid, inflight: &mut Inflight) -> RoundDone {
+        *inflight
+            .outstanding
+            .entry((TIER.to_owned(), tenant_id))
+            .or_default() += 2;
+        (
+            vec![Pick {
+                tenant_id,
+                tier: TIER.to_owned(),
+                count: 2,
+            }],
+            Instant::now(),
+            Ok(HashMap::from([(tenant_id, 1)])),
+        )
+    }
+
+    #[test]
+    fn a_short_round_drains_its_tenant_unless_woken_meanwhile_or_another_round_holds_it() {
+        let metrics = Metrics::new();
+        let tenant_id = Uuid::now_v7();
+        let drained = |active: &Active| {
+            !active.known.contains(&tenant_id) && active.idle.contains_key(&tenant_id)
+        };
+
+        // Alone and not woken since: the tenant's ready work ran out.
+        let (mut active, mut ledger, mut inflight) = (
+            active_with(tenant_id),
+            Ledger::default(),
+            Inflight::default(),
+        );
+        let round = short_round(tenant_id, &mut inflight);
+        let result = finish_round(&metrics, round, &mut active, &mut ledger, &mut inflight);
+        assert_eq!(result, Ok(Some(1)));
+        assert!(drained(&active));
+
+        // Woken while the round was out: new work may have committed after
+        // its claim, so the tenant stays; the next short round drains it.
+        let (mut active, mut inflight) = (active_with(tenant_id), Inflight::default());
+        active.rewoken.insert(tenant_id);
+        let round = short_round(tenant_id, &mut inflight);
+        finish_round(&metrics, round, &mut active, &mut ledger, &mut inflight).unwrap();
+        assert!(!drained(&active) && active.known.contains(&tenant_id));
+        let round = short_round(tenant_id, &mut inflight);
+        finish_round(&metrics, round, &mut active, &mut ledger, &mut inflight).unwrap();
+        assert!(drained(&active));
+
+        // Another round with picks of the tenant is still out (its claim
+        // holds runs locked): the tenant stays until that one ends short.
+        let (mut active, mut inflight) = (active_with(tenant_id), Inflight::default());
+        let other = short_round(tenant_id, &mut inflight);
+        let round = short_round(tenant_id, &mut inflight);
+        finish_round(&metrics, round, &mut active, &mut ledger, &mut inflight).unwrap();
+        assert!(!drained(&active) && active.known.contains(&tenant_id));
+        finish_round(&metrics, other, &mut active, &mut ledger, &mut inflight).unwrap();
+        assert!(drained(&active));
+    }
+}
