@@ -449,6 +449,9 @@ async fn latency_at(
     // The two hops of schedule-to-start: until the dispatch round's
     // transaction began, and from there until a worker took the message.
     let (mut to_dispatch_ms, mut to_worker_ms) = (Vec::new(), Vec::new());
+    // Schedule-to-start per second of `created_at` (Unix seconds), so its
+    // tail can be lined up with what else happened on the machine then.
+    let mut start_ms_by_s: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
     let ms = |from: DateTime<Utc>, to: DateTime<Utc>| {
         (to - from).num_microseconds().unwrap_or(0) as f64 / 1000.0
     };
@@ -460,6 +463,10 @@ async fn latency_at(
         let dispatched: Option<DateTime<Utc>> = row.get(4);
         if let Some(begun) = begun {
             start_ms.push(ms(created, begun));
+            start_ms_by_s
+                .entry(created.timestamp())
+                .or_default()
+                .push(ms(created, begun));
             if let Some(dispatched) = dispatched {
                 to_dispatch_ms.push(ms(created, dispatched));
                 to_worker_ms.push(ms(dispatched, begun));
@@ -489,7 +496,23 @@ async fn latency_at(
         "machine_cpu_busy_share": round3(usage.busy_share),
         "postgres_commits_per_task": round3(usage.commits / (count as f64).max(1.0)),
         "end_to_end_ms": latency_summary(&end_ms),
+        "schedule_to_start_per_second": per_second_summary(start_ms_by_s),
     }))
+}
+
+/// Count, p50 and p99 of each second's latencies, keyed by Unix second.
+fn per_second_summary(by_s: std::collections::BTreeMap<i64, Vec<f64>>) -> Value {
+    by_s.into_iter()
+        .map(|(second, mut values)| {
+            values.sort_by(f64::total_cmp);
+            json!({
+                "unix_s": second,
+                "count": values.len(),
+                "p50_ms": round3(percentile(&values, 0.50)),
+                "p99_ms": round3(percentile(&values, 0.99)),
+            })
+        })
+        .collect()
 }
 
 /// Queries each client of scenario 4 sends per second (a HIS polling an
