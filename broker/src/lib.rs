@@ -26,6 +26,9 @@ pub enum Error {
     Nacked { count: usize, total: usize },
     #[error("the consumer was closed by the broker")]
     Closed,
+    /// A coalesced ack failed; each delivery it covered gets its message.
+    #[error("ack: {0}")]
+    Ack(String),
     #[error("encode task message: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("the broker did not answer {what} within {timeout_ms} ms")]
@@ -393,6 +396,13 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
+    /// Settles this inbox's deliveries by tag (see `Settle`).
+    pub fn settle(&self) -> Settle {
+        Settle {
+            channel: self.channel.clone(),
+        }
+    }
+
     /// Stops new deliveries; those already received can still be acked.
     pub async fn cancel(&self) -> Result<(), Error> {
         self.channel
@@ -420,6 +430,50 @@ impl Stream for Inbox {
         self.consumer
             .poll_next_unpin(cx)
             .map(|item| item.map(|result| result.map(Delivery).map_err(Error::from)))
+    }
+}
+
+/// Settles an inbox's deliveries by their tags, for a caller that
+/// coalesces acks: one `basic.ack` with `multiple` set settles every
+/// delivery of the channel up to its tag not settled yet. A caller that
+/// settles through this must settle every delivery of the inbox through it
+/// (never with `Delivery::ack` and the like as well), because frames keep
+/// their order only on one path: each call here queues its frame before it
+/// first yields, in call order.
+#[derive(Clone)]
+pub struct Settle {
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle")
+            .field("channel", &self.channel.id())
+            .finish()
+    }
+}
+
+impl Settle {
+    /// Acks `tag`, and with `through` every earlier unsettled tag too.
+    pub async fn ack(&self, tag: u64, through: bool) -> Result<(), Error> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: through })
+            .await?;
+        Ok(())
+    }
+
+    /// Hands `tag`'s message back (`requeue`) or dead-letters it.
+    pub async fn nack(&self, tag: u64, requeue: bool) -> Result<(), Error> {
+        self.channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    requeue,
+                    multiple: false,
+                },
+            )
+            .await?;
+        Ok(())
     }
 }
 
@@ -486,6 +540,11 @@ impl Delivery {
     pub async fn ack(&self) -> Result<(), Error> {
         self.0.ack(BasicAckOptions::default()).await?;
         Ok(())
+    }
+
+    /// This delivery's tag on its channel (increasing in delivery order).
+    pub fn tag(&self) -> u64 {
+        self.0.delivery_tag
     }
 
     /// Hand the message back for another delivery.

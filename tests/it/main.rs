@@ -2,6 +2,7 @@
 //! the real Postgres, RabbitMQ and etcd. Each test runs in its own sandbox
 //! (schema, queue prefix, etcd prefix) so tests run in parallel.
 
+mod acks;
 mod api;
 mod autoscale;
 mod batching;

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use ward_broker::{Broker, Delivery};
+
+use crate::acks::{AckHandle, Acks};
 use ward_shared::trace::TraceParent;
 use ward_shared::wire::TaskMessage;
 use ward_store::{Completion, Settlement, Store, TaskResult};
@@ -86,17 +88,29 @@ async fn consume_connection(
                 .await?,
         );
     }
+    // Every delivery of an inbox is settled through its `Acks` (never
+    // through `Delivery::ack` and the like), which keeps its frames in order.
+    let acks: Vec<Acks> = inboxes
+        .iter()
+        .map(|inbox| Acks::new(inbox.settle(), context.metrics.clone()))
+        .collect();
     context.broker_connected.store(true, Ordering::Relaxed);
     let outcome = {
-        let mut deliveries = futures::stream::select_all(inboxes.iter_mut());
+        let mut deliveries = futures::stream::select_all(
+            inboxes
+                .iter_mut()
+                .enumerate()
+                .map(|(index, inbox)| inbox.map(move |delivery| (index, delivery))),
+        );
         loop {
             tokio::select! {
                 () = context.shutdown.cancelled() => break Ok(()),
                 next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        in_flight.spawn(process(context.clone(), delivery));
+                    Some((index, Ok(delivery))) => {
+                        let ack = acks[index].received(delivery.tag());
+                        in_flight.spawn(process(context.clone(), delivery, ack));
                     }
-                    Some(Err(error)) => break Err(error),
+                    Some((_, Err(error))) => break Err(error),
                     None => break Err(ward_broker::Error::Closed),
                 },
             }
@@ -114,12 +128,13 @@ async fn consume_connection(
     for inbox in &inboxes {
         inbox.close().await;
     }
+    drop(acks);
     broker.close().await;
     outcome
 }
 
 /// Runs one delivery to its end: handler, commit, ack (or hand-back).
-async fn process(context: Context, delivery: Delivery) {
+async fn process(context: Context, delivery: Delivery, ack: AckHandle) {
     context.metrics.tasks_in_flight.inc();
     let message: TaskMessage = match serde_json::from_slice::<TaskMessage>(delivery.body()) {
         Ok(mut message) => {
@@ -133,7 +148,7 @@ async fn process(context: Context, delivery: Delivery) {
                 .deliveries_rejected_total
                 .with_label_values(&["malformed"])
                 .inc();
-            let _ = delivery.reject().await;
+            let _ = ack.nack(false).await;
             context.metrics.tasks_in_flight.dec();
             return;
         }
@@ -152,13 +167,11 @@ async fn process(context: Context, delivery: Delivery) {
         step_id = %message.step_id,
         trace_id = %trace_id,
     );
-    run_task(&context, &delivery, &message)
-        .instrument(span)
-        .await;
+    run_task(&context, &ack, &message).instrument(span).await;
     context.metrics.tasks_in_flight.dec();
 }
 
-async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage) {
+async fn run_task(context: &Context, ack: &AckHandle, message: &TaskMessage) {
     let started_at = chrono::Utc::now();
     let tier = message.tier.as_deref().unwrap_or("unknown");
     if let Some(ready_at) = message.ready_at {
@@ -184,7 +197,7 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
         outcome = execute(context, message) => outcome,
         () = &mut heartbeats => unreachable!("the heartbeat loop never ends"),
         () = context.hand_back.cancelled() => {
-            hand_back(context, delivery, "shutdown deadline").await;
+            hand_back(context, ack, "shutdown deadline").await;
             return;
         }
     };
@@ -248,7 +261,7 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
                     .task_commits_total
                     .with_label_values(&[result])
                     .inc();
-                if let Err(error) = delivery.ack().await {
+                if let Err(error) = ack.ack().await {
                     tracing::warn!(%error, "ack failed after commit; the redelivery will be a duplicate");
                 }
                 return;
@@ -263,7 +276,7 @@ async fn run_task(context: &Context, delivery: &Delivery, message: &TaskMessage)
             }
         }
     }
-    hand_back(context, delivery, "commit failed").await;
+    hand_back(context, ack, "commit failed").await;
 }
 
 /// Extends the run's lease every `heartbeat_interval_ms` while its handler
@@ -283,14 +296,14 @@ async fn heartbeat_loop(context: &Context, message: &TaskMessage) {
     }
 }
 
-async fn hand_back(context: &Context, delivery: &Delivery, reason: &str) {
+async fn hand_back(context: &Context, ack: &AckHandle, reason: &str) {
     context
         .metrics
         .task_commits_total
         .with_label_values(&["handed_back"])
         .inc();
     tracing::info!(reason, "handing the task back to the queue");
-    if let Err(error) = delivery.requeue().await {
+    if let Err(error) = ack.nack(true).await {
         tracing::warn!(%error, "requeue failed; the broker redelivers when the channel closes");
     }
 }

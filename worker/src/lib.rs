@@ -5,6 +5,7 @@
 //! handlers and calls [`Worker::start`]. Workers keep no state between
 //! messages: everything they know comes with the message or from Postgres.
 
+pub mod acks;
 mod commit;
 mod config;
 mod consume;

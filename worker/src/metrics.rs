@@ -14,6 +14,7 @@ pub const TASK_RETRIES_TOTAL: &str = "ward_task_retries_total";
 pub const INSTANCES_FINISHED_TOTAL: &str = "ward_instances_finished_total";
 pub const DB_POOL_CONNECTIONS: &str = "ward_db_pool_connections";
 pub const TASK_COMMIT_BATCH_SIZE: &str = "ward_task_commit_batch_size";
+pub const ACK_FRAMES_TOTAL: &str = "ward_ack_frames_total";
 
 /// The worker's metrics, in its own registry.
 #[derive(Clone)]
@@ -39,6 +40,8 @@ pub struct Metrics {
     pub tasks_in_flight: IntGauge,
     /// Results per group-commit transaction.
     pub commit_batch_len: Histogram,
+    /// By `kind`: run (one frame acking consecutive deliveries), single.
+    pub ack_frames_total: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -127,6 +130,15 @@ impl Metrics {
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
             )
             .unwrap(),
+            ack_frames_total: IntCounterVec::new(
+                Opts::new(
+                    ACK_FRAMES_TOTAL,
+                    "Ack frames sent to the broker, by kind: run (one frame for \
+                     consecutive deliveries), single.",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(metrics.tasks_executed_total.clone()),
@@ -139,9 +151,13 @@ impl Metrics {
             Box::new(metrics.instances_finished_total.clone()),
             Box::new(metrics.db_pool_connections.clone()),
             Box::new(metrics.commit_batch_len.clone()),
+            Box::new(metrics.ack_frames_total.clone()),
         ];
         for outcome in ["succeeded", "failed"] {
             metrics.tasks_executed_total.with_label_values(&[outcome]);
+        }
+        for kind in ["run", "single"] {
+            metrics.ack_frames_total.with_label_values(&[kind]);
         }
         for result in ["applied", "duplicate", "unknown", "handed_back"] {
             metrics.task_commits_total.with_label_values(&[result]);
