@@ -38,6 +38,10 @@ pub struct Vacuumed {
 const ANALYZE_ROWS_MIN: i64 = 50;
 /// See `ANALYZE_ROWS_MIN`.
 const ANALYZE_SHARE: f64 = 0.1;
+/// ...and at most once in this many seconds per table: under load the
+/// changed rows pass that mark between every two looks, and each ANALYZE
+/// (30,000 sampled rows) stalls the tasks beside it for tens of ms.
+const ANALYZE_EVERY_S_MIN: f64 = 60.0;
 
 /// Bound on each statement of a look, a VACUUM included (a hot table of
 /// tens of millions of rows takes minutes on a small machine).
@@ -68,6 +72,8 @@ impl Store {
                     "SELECT s.relname::text, s.n_dead_tup, s.n_live_tup, \
                      s.n_dead_tup >= greatest($1::bigint, (s.n_live_tup * $2::float8)::bigint), \
                      s.n_mod_since_analyze >= $3::bigint + (s.n_live_tup * $4::float8)::bigint \
+                     AND coalesce(greatest(s.last_analyze, s.last_autoanalyze), '-infinity') \
+                         < now() - make_interval(secs => $5::float8) \
                      FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
                      WHERE s.relid IN ('instances'::regclass, 'task_runs'::regclass) \
                      AND (current_setting('autovacuum') = 'off' \
@@ -78,6 +84,7 @@ impl Store {
                         &dead_share,
                         &ANALYZE_ROWS_MIN,
                         &ANALYZE_SHARE,
+                        &ANALYZE_EVERY_S_MIN,
                     ],
                 )
                 .await?;

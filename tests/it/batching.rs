@@ -701,6 +701,61 @@ async fn the_leader_vacuums_a_hot_table_autovacuum_leaves_alone() {
         .unwrap()
         .get(0);
     assert!(dead < 10_000, "{dead} dead rows left after the VACUUM");
+
+    // Another 10,000 runs: vacuumed again, but not analyzed again within
+    // a minute of the last ANALYZE (each samples 30,000 rows and stalls the
+    // tasks beside it).
+    let stamps = async |sql: &tokio_postgres::Client| -> (String, String) {
+        let row = sql
+            .query_one(
+                "SELECT coalesce(last_vacuum::text, ''), \
+                 coalesce(greatest(last_analyze, last_autoanalyze)::text, '') \
+                 FROM pg_stat_user_tables WHERE relid = to_regclass('task_runs')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let (vacuumed_at, analyzed_at) = stamps(&sql).await;
+    assert!(!analyzed_at.is_empty(), "task_runs was never analyzed");
+    for half in 3..=4 {
+        for _ in 0..5 {
+            let (status, body) = sandbox
+                .post(&batch_url, &key, &json!({ "instances": items }))
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        wait_completed(&sandbox, "sweep", half * 5_000, Duration::from_secs(120)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (vacuumed_again_at, analyzed_again_at) = stamps(&sql).await;
+        if vacuumed_again_at != vacuumed_at {
+            // On a machine slow enough that the minute had passed, a new
+            // ANALYZE is right.
+            let gap_s: f64 = sql
+                .query_one(
+                    "SELECT extract(epoch FROM $1::text::timestamptz - $2::text::timestamptz)::float8",
+                    &[&vacuumed_again_at, &analyzed_at],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if gap_s < 55.0 {
+                assert_eq!(
+                    analyzed_again_at, analyzed_at,
+                    "analyzed again by the VACUUM {gap_s} s after the last ANALYZE"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task_runs was not vacuumed again within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     sandbox.teardown().await;
 }
 
