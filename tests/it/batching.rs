@@ -674,16 +674,20 @@ async fn the_leader_vacuums_a_hot_table_autovacuum_leaves_alone() {
         .map(|n| json!({ "definition": "sweep", "input": { "bed": n } }))
         .collect();
     let batch_url = format!("{url}/v1/instances/batch");
-    // Two halves, each below the tenant's running-instances quota.
-    for half in 1..=2 {
-        for _ in 0..5 {
-            let (status, body) = sandbox
-                .post(&batch_url, &key, &json!({ "instances": items }))
-                .await;
-            assert_eq!(status, 200, "{body}");
+    // 5,000 instances per half, each half below the tenant's
+    // running-instances quota; waits until `halves` have completed.
+    let run_halves = async |halves: std::ops::RangeInclusive<i64>| {
+        for half in halves {
+            for _ in 0..5 {
+                let (status, body) = sandbox
+                    .post(&batch_url, &key, &json!({ "instances": items }))
+                    .await;
+                assert_eq!(status, 200, "{body}");
+            }
+            wait_completed(&sandbox, "sweep", half * 5_000, Duration::from_secs(120)).await;
         }
-        wait_completed(&sandbox, "sweep", half * 5_000, Duration::from_secs(120)).await;
-    }
+    };
+    run_halves(1..=2).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !vacuumed(&sql).await {
         assert!(
@@ -719,15 +723,7 @@ async fn the_leader_vacuums_a_hot_table_autovacuum_leaves_alone() {
     };
     let (vacuumed_at, analyzed_at) = stamps(&sql).await;
     assert!(!analyzed_at.is_empty(), "task_runs was never analyzed");
-    for half in 3..=4 {
-        for _ in 0..5 {
-            let (status, body) = sandbox
-                .post(&batch_url, &key, &json!({ "instances": items }))
-                .await;
-            assert_eq!(status, 200, "{body}");
-        }
-        wait_completed(&sandbox, "sweep", half * 5_000, Duration::from_secs(120)).await;
-    }
+    run_halves(3..=4).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (vacuumed_again_at, analyzed_again_at) = stamps(&sql).await;
