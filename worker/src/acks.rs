@@ -67,7 +67,10 @@ impl Acks {
     }
 }
 
-/// One delivery's way to settle; settle exactly once.
+/// One delivery's way to settle; settle exactly once. A handle dropped
+/// unsettled keeps its tag open for good: no run of acks passes over it (its
+/// message comes back when the channel closes), and the committed tags
+/// behind it are acked alone.
 pub struct AckHandle {
     shared: Arc<Shared>,
     tag: u64,
