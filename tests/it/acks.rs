@@ -88,6 +88,15 @@ async fn acks_coalesce_only_committed_deliveries() {
     );
     inbox.close().await;
     drop(acks);
+    // Its channel gone, a late ack (or nack) is refused at once, not left
+    // waiting for a flush that never comes.
+    let late = tokio::time::timeout(Duration::from_secs(2), handles[5].ack())
+        .await
+        .expect("an ack after its channel's Acks went is answered at once");
+    assert!(late.is_err(), "a late ack cannot have been sent");
+    assert!(handles[5].nack(true).await.is_err());
+    // A settled tag is never settled again (that would close the channel).
+    assert!(handles[0].nack(true).await.is_err());
 
     // Only 4 (handed back) and 6 (unsettled) come back: no frame covered them.
     let mut again = broker.consume("t", 10, "acks-test-again").await.unwrap();

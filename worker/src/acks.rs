@@ -38,9 +38,12 @@ pub struct Acks {
 
 impl Drop for Acks {
     fn drop(&mut self) {
-        // Waiting deliveries then get an error: their channel is gone, so
-        // the broker hands their messages back anyway.
         self.flusher.abort();
+        // Deliveries waiting for their acks, and any that ask later, get an
+        // error at once (their senders go with the map, and a tag not in it
+        // is answered with one): their channel is gone, so the broker hands
+        // their messages back anyway.
+        std::mem::take(&mut *lock(&self.shared.open));
     }
 }
 
@@ -81,21 +84,29 @@ impl AckHandle {
     /// out.
     pub async fn ack(&self) -> Result<(), ward_broker::Error> {
         let (sender, receiver) = oneshot::channel();
-        if let Some(waiter) = lock(&self.shared.open).get_mut(&self.tag) {
-            *waiter = Some(sender);
+        match lock(&self.shared.open).get_mut(&self.tag) {
+            Some(waiter @ None) => *waiter = Some(sender),
+            // No longer open (settled, or its channel gone): nothing is sent.
+            _ => return Err(ward_broker::Error::Closed),
         }
         self.shared.wake.notify_one();
         receiver.await.unwrap_or(Err(ward_broker::Error::Closed))
     }
 
     /// Hands the message back (`requeue`) or dead-letters it. The tag stays
-    /// open until the nack went out, so no ack run can cover it first.
+    /// open until the nack went out (for good if it failed), so no ack run
+    /// can cover it first. A tag no longer running (settled, or its channel
+    /// gone) sends nothing: a second settlement of a tag would close the
+    /// channel.
     pub async fn nack(&self, requeue: bool) -> Result<(), ward_broker::Error> {
-        let sent = self.shared.settle.nack(self.tag, requeue).await;
+        if !matches!(lock(&self.shared.open).get(&self.tag), Some(None)) {
+            return Err(ward_broker::Error::Closed);
+        }
+        self.shared.settle.nack(self.tag, requeue).await?;
         lock(&self.shared.open).remove(&self.tag);
         // Committed tags behind it may now form a run.
         self.shared.wake.notify_one();
-        sent
+        Ok(())
     }
 }
 
