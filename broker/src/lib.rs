@@ -440,17 +440,9 @@ impl Stream for Inbox {
 /// (never with `Delivery::ack` and the like as well), because frames keep
 /// their order only on one path: each call here queues its frame before it
 /// first yields, in call order.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Settle {
     channel: Channel,
-}
-
-impl std::fmt::Debug for Settle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Settle")
-            .field("channel", &self.channel.id())
-            .finish()
-    }
 }
 
 impl Settle {

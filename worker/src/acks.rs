@@ -125,29 +125,26 @@ async fn flush(shared: Arc<Shared>, metrics: Metrics) {
         // Let the other deliveries of the same group commit, woken with the
         // one that woke us, register their acks first.
         tokio::task::yield_now().await;
-        let (run, alone) = {
-            let mut open = lock(&shared.open);
-            let mut run = Vec::new();
-            while let Some(entry) = open.first_entry() {
-                if entry.get().is_none() {
-                    break;
-                }
-                let tag = *entry.key();
-                if let Some(sender) = entry.remove() {
+        // One pass in tag order (`retain` visits keys ascending): committed
+        // tags before the first running one form the run, those after it go
+        // alone; running tags stay.
+        let mut run = Vec::new();
+        let mut alone = Vec::new();
+        let mut behind_running = false;
+        lock(&shared.open).retain(|&tag, waiter| match waiter.take() {
+            Some(sender) => {
+                if behind_running {
+                    alone.push((tag, sender));
+                } else {
                     run.push((tag, sender));
                 }
+                false
             }
-            let committed: Vec<u64> = open
-                .iter()
-                .filter(|(_, waiter)| waiter.is_some())
-                .map(|(tag, _)| *tag)
-                .collect();
-            let alone: Vec<_> = committed
-                .into_iter()
-                .filter_map(|tag| open.remove(&tag).flatten().map(|sender| (tag, sender)))
-                .collect();
-            (run, alone)
-        };
+            None => {
+                behind_running = true;
+                true
+            }
+        });
         if let Some(&(through, _)) = run.last() {
             let multiple = run.len() > 1;
             let sent = shared.settle.ack(through, multiple).await;
