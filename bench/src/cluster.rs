@@ -416,9 +416,11 @@ impl Cluster {
             tokio_postgres::connect(&self.services.database_url, tokio_postgres::NoTls).await
         {
             tokio::spawn(connection);
-            let _ = client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema()))
-                .await;
+            if std::env::var_os("WARD_BENCH_KEEP_SCHEMA").is_none() {
+                let _ = client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema()))
+                    .await;
+            }
         }
         let settings = ward_broker::Settings {
             url: self.services.amqp_url.clone(),

@@ -127,6 +127,22 @@ struct Active {
     rewoken: HashSet<Uuid>,
 }
 
+/// A rebuild of the active tenants read in the background: the dispatch
+/// loop goes on with the sets it has meanwhile (the read walks the ready
+/// index, tens of ms when it holds many dead entries, and rounds planned
+/// inline behind it waited that long).
+struct Rebuild {
+    /// Resolves to the tiers and each tier's active tenants, and how long
+    /// the read took.
+    reading: tokio::task::JoinHandle<(Result<ActiveSets, ward_store::Error>, Duration)>,
+    /// Tenants that joined the sets while it read: its snapshot may predate
+    /// their work, so they are kept if it does not list them.
+    joined: HashMap<Uuid, (String, ActiveTenant)>,
+}
+
+/// The tiers, and each tier's tenants with ready work.
+type ActiveSets = (Vec<TierSpec>, HashMap<String, Vec<ActiveTenant>>);
+
 /// Keeps a dispatcher registered for local wake-ups while it lives.
 struct LocalWakeGuard(Store);
 
@@ -167,6 +183,13 @@ pub async fn run(
     let mut listener: Option<Listener> = None;
     let mut broker: Option<Arc<Broker>> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
+    // The backlog count in the background (it only sets a gauge): resolves
+    // to how long it took.
+    let mut backlog_reading: Option<tokio::task::JoinHandle<Duration>> = None;
+    let mut rebuild: Option<Rebuild> = None;
+    let mut rebuilt = None;
+    // A background rebuild failed: back off as for any store failure.
+    let mut rebuild_failed = false;
     let mut backlog_refresh_every = Duration::from_millis(BACKLOG_REFRESH_MS);
     let mut active_refresh_every = Duration::from_millis(ACTIVE_REFRESH_MS);
     // A newly active tenant seen too soon after the last rebuild: rebuild as
@@ -218,6 +241,9 @@ pub async fn run(
         newly_active.dedup();
         newly_active.retain(|tenant_id| match active.idle.remove(tenant_id) {
             Some((tier, tenant)) => {
+                if let Some(rebuild) = &mut rebuild {
+                    rebuild.joined.insert(*tenant_id, (tier.clone(), tenant));
+                }
                 active.known.insert(*tenant_id);
                 active.by_tier.entry(tier).or_default().push(tenant);
                 false
@@ -227,6 +253,9 @@ pub async fn run(
         for tenant_id in newly_active {
             match store.active_tenant(tenant_id).await {
                 Ok(Some((tier, tenant))) if !active.known.contains(&tenant_id) => {
+                    if let Some(rebuild) = &mut rebuild {
+                        rebuild.joined.insert(tenant_id, (tier.clone(), tenant));
+                    }
                     active.known.insert(tenant_id);
                     active.by_tier.entry(tier).or_default().push(tenant);
                 }
@@ -237,23 +266,38 @@ pub async fn run(
                 }
             }
         }
-        let due = active.refreshed_at.is_none_or(|at| {
-            let age = at.elapsed();
-            age >= active_refresh_every
-                || (force_refresh && age >= Duration::from_millis(ACTIVE_REFRESH_MS_MIN))
-        });
+        let mut failed = std::mem::take(&mut rebuild_failed);
+        let due = rebuild.is_none()
+            && active.refreshed_at.is_none_or(|at| {
+                let age = at.elapsed();
+                age >= active_refresh_every
+                    || (force_refresh && age >= Duration::from_millis(ACTIVE_REFRESH_MS_MIN))
+            });
+        // A rebuild in flight may have read before what forced this one.
         refresh_pending = force_refresh && !due;
-        let mut failed = false;
-        if due {
+        if due && active.refreshed_at.is_none() {
+            // The term's first: nothing to plan with before it.
             let started = Instant::now();
-            if let Err(error) = refresh(&store, &config, &mut active, &mut ledger).await {
-                tracing::warn!(%error, "refresh of active tenants failed");
-                failed = true;
+            match read_active(&store, &config.tiers).await {
+                Ok(sets) => replace_active(&mut active, &mut ledger, sets, HashMap::new()),
+                Err(error) => {
+                    tracing::warn!(%error, "refresh of active tenants failed");
+                    failed = true;
+                }
             }
             active_refresh_every = (started.elapsed() * REFRESH_COST_FACTOR).clamp(
                 Duration::from_millis(ACTIVE_REFRESH_MS),
                 Duration::from_millis(ACTIVE_REFRESH_MS_MAX),
             );
+        } else if due {
+            let (store, tiers) = (store.clone(), config.tiers.clone());
+            rebuild = Some(Rebuild {
+                reading: tokio::spawn(async move {
+                    let started = Instant::now();
+                    (read_active(&store, &tiers).await, started.elapsed())
+                }),
+                joined: HashMap::new(),
+            });
         }
         // A broken broker is replaced once no round uses it any more.
         if rounds.is_empty() && broker.as_ref().is_none_or(|broker| !broker.is_connected()) {
@@ -302,14 +346,23 @@ pub async fn run(
                 }
             }
         }
-        if backlog_refreshed_at.is_none_or(|at| at.elapsed() >= backlog_refresh_every) {
-            let started = Instant::now();
-            refresh_backlog(&store, &metrics, &active.tiers).await;
-            backlog_refresh_every = (started.elapsed() * REFRESH_COST_FACTOR).clamp(
+        if let Some(reading) = backlog_reading.take_if(|reading| reading.is_finished()) {
+            let cost = reading.await.unwrap_or_default();
+            backlog_refresh_every = (cost * REFRESH_COST_FACTOR).clamp(
                 Duration::from_millis(BACKLOG_REFRESH_MS),
                 Duration::from_millis(BACKLOG_REFRESH_MS_MAX),
             );
             backlog_refreshed_at = Some(Instant::now());
+        }
+        if backlog_reading.is_none()
+            && backlog_refreshed_at.is_none_or(|at| at.elapsed() >= backlog_refresh_every)
+        {
+            let (store, metrics, tiers) = (store.clone(), metrics.clone(), active.tiers.clone());
+            backlog_reading = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                refresh_backlog(&store, &metrics, &tiers).await;
+                started.elapsed()
+            }));
         }
         if failed {
             // Let the rounds in flight end before backing off and replacing
@@ -332,7 +385,7 @@ pub async fn run(
         } else {
             config.dispatch.poll_ms
         };
-        if refresh_pending {
+        if refresh_pending && rebuild.is_none() {
             let age_ms = active
                 .refreshed_at
                 .map_or(0, |at| at.elapsed().as_millis() as u64);
@@ -353,10 +406,46 @@ pub async fn run(
             }
             () = wake.notified() => plan_more = true,
             () = tokio::time::sleep(Duration::from_millis(pause)) => plan_more = true,
+            read = async {
+                match rebuild.as_mut() {
+                    Some(rebuild) => (&mut rebuild.reading).await,
+                    None => std::future::pending().await,
+                }
+            } => rebuilt = Some(read),
+        }
+        // A rebuild read in the background replaces the sets once it is in
+        // (its handle is spent: it goes too).
+        if let Some((read, done)) = rebuilt
+            .take()
+            .and_then(|read| Some((read, rebuild.take()?)))
+        {
+            plan_more = true;
+            let (read, cost) = read.unwrap_or_else(|error| {
+                let error = format!("rebuild of active tenants stopped: {error}");
+                (Err(ward_store::Error::Unavailable(error)), Duration::ZERO)
+            });
+            match read {
+                Ok(sets) => replace_active(&mut active, &mut ledger, sets, done.joined),
+                Err(error) => {
+                    tracing::warn!(%error, "refresh of active tenants failed");
+                    rebuild_failed = true;
+                }
+            }
+            active_refresh_every = (cost * REFRESH_COST_FACTOR).clamp(
+                Duration::from_millis(ACTIVE_REFRESH_MS),
+                Duration::from_millis(ACTIVE_REFRESH_MS_MAX),
+            );
         }
     }
     // Stop taking work; let the rounds in flight end (each is bounded by
-    // the publish timeout) so none is left half done.
+    // the publish timeout) so none is left half done. The reads in the
+    // background only inform, so they stop here.
+    if let Some(rebuild) = rebuild {
+        rebuild.reading.abort();
+    }
+    if let Some(reading) = backlog_reading {
+        reading.abort();
+    }
     while let Some(done) = rounds.next().await {
         let _ = finish_round(&metrics, done, &mut active, &mut ledger, &mut inflight);
     }
@@ -365,15 +454,14 @@ pub async fn run(
     }
 }
 
-/// Rebuilds the tiers and each tier's active tenants.
-async fn refresh(
+/// Reads the tiers (those of the store and the configured ones) and each
+/// tier's active tenants.
+async fn read_active(
     store: &Store,
-    config: &Config,
-    active: &mut Active,
-    ledger: &mut Ledger,
-) -> Result<(), ward_store::Error> {
+    configured: &[String],
+) -> Result<ActiveSets, ward_store::Error> {
     let mut tiers = store.tiers().await?;
-    for name in &config.tiers {
+    for name in configured {
         if !tiers.iter().any(|tier| &tier.name == name) {
             tiers.push(TierSpec {
                 name: name.clone(),
@@ -383,12 +471,31 @@ async fn refresh(
         }
     }
     let mut by_tier = HashMap::new();
-    let mut known = HashSet::new();
     for tier in &tiers {
         let tenants = store.active_tenants(&tier.name, ACTIVE_TENANTS_MAX).await?;
-        known.extend(tenants.iter().map(|tenant| tenant.tenant_id));
         if !tenants.is_empty() {
             by_tier.insert(tier.name.clone(), tenants);
+        }
+    }
+    Ok((tiers, by_tier))
+}
+
+/// Replaces the dispatcher's sets with a rebuild, keeping the tenants that
+/// `joined` while it was read and that it does not list.
+fn replace_active(
+    active: &mut Active,
+    ledger: &mut Ledger,
+    (tiers, mut by_tier): ActiveSets,
+    joined: HashMap<Uuid, (String, ActiveTenant)>,
+) {
+    let mut known: HashSet<Uuid> = by_tier
+        .values()
+        .flatten()
+        .map(|tenant| tenant.tenant_id)
+        .collect();
+    for (tenant_id, (tier, tenant)) in joined {
+        if known.insert(tenant_id) {
+            by_tier.entry(tier).or_default().push(tenant);
         }
     }
     ledger.retain(&known);
@@ -406,7 +513,6 @@ async fn refresh(
         blocked: false,
         rewoken,
     };
-    Ok(())
 }
 
 /// Plans one dispatch round: windows per tier, shares per tenant. The
@@ -831,5 +937,46 @@ mod tests {
         assert!(!drained(&active) && active.known.contains(&tenant_id));
         finish_round(&metrics, other, &mut active, &mut ledger, &mut inflight).unwrap();
         assert!(drained(&active));
+    }
+
+    #[test]
+    fn a_rebuild_read_in_the_background_keeps_the_tenants_that_joined_while_it_read() {
+        let tenant = |tenant_id| ActiveTenant {
+            tenant_id,
+            inflight_max: 0,
+            dispatch_rate_per_s: 0,
+        };
+        let (listed, joined_late, joined_listed, gone) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        let mut active = active_with(gone);
+        active.rewoken.extend([gone, listed]);
+        let mut ledger = Ledger::default();
+        ledger.last_served.extend([(gone, 1), (listed, 2)]);
+        // The rebuild read `listed` and `joined_listed`; `joined_late`'s work
+        // committed after its snapshot.
+        let read = (
+            Vec::new(),
+            HashMap::from([(TIER.to_owned(), vec![tenant(listed), tenant(joined_listed)])]),
+        );
+        let joined = HashMap::from([
+            (joined_late, (TIER.to_owned(), tenant(joined_late))),
+            (joined_listed, (TIER.to_owned(), tenant(joined_listed))),
+        ]);
+        replace_active(&mut active, &mut ledger, read, joined);
+        let mut ids: Vec<Uuid> = active.by_tier[TIER].iter().map(|t| t.tenant_id).collect();
+        ids.sort();
+        let mut expected = vec![listed, joined_late, joined_listed];
+        expected.sort();
+        assert_eq!(ids, expected, "each once; the late joiner kept");
+        assert_eq!(active.known, HashSet::from_iter(expected));
+        assert!(active.refreshed_at.is_some());
+        // A tenant no longer active is forgotten; the others' state stays.
+        assert_eq!(active.rewoken, HashSet::from([listed]));
+        assert!(!ledger.last_served.contains_key(&gone));
+        assert_eq!(ledger.last_served.get(&listed), Some(&2));
     }
 }
