@@ -65,6 +65,30 @@ pub(crate) async fn advance_many(
     Ok(statuses)
 }
 
+/// The runs of `instances` (new, none run yet) if each only starts plain
+/// steps (see `progress::plain`): no instance ends at once, no sub-workflow
+/// or signal step starts. Then their writes are ONE statement known before
+/// any of it is sent, which the caller may pipeline with its COMMIT;
+/// otherwise `None`, and the caller advances them with `advance_many`.
+pub(crate) fn plain_starts(instances: &[(&Locked, Vec<Run>)]) -> Result<Option<RunRows>, Error> {
+    let mut rows = RunRows::default();
+    for (instance, runs) in instances {
+        let plan = engine::plan(
+            &instance.definition,
+            &instance.input,
+            runs,
+            rand::random::<f64>(),
+        );
+        if plan.end.is_some() || !progress::plain(instance, &plan.starts) {
+            return Ok(None);
+        }
+        for start in &plan.starts {
+            rows.push_start(instance, start)?;
+        }
+    }
+    Ok(Some(rows))
+}
+
 /// Ends of instances without a parent, written with one statement.
 #[derive(Default)]
 struct Ends {

@@ -462,12 +462,41 @@ impl RunRows {
         if self.id.is_empty() {
             return Ok(());
         }
+        match after_commit {
+            Some(after_commit) => self.hand_over_wakes(after_commit),
+            None => {
+                self.ready_tenants.sort_unstable();
+                self.ready_tenants.dedup();
+            }
+        }
+        let params = self.params();
+        let insert = transaction.execute_c(RUNS_INSERT_SQL, &params);
+        // Pipelined: the INSERT and the wake-up (none when the caller wakes
+        // after its commit: `ready_tenants` was handed over above).
+        futures::future::try_join(
+            async { insert.await.map_err(Error::from) },
+            notify_in_transaction(transaction, &self.ready_tenants),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// No run to write.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.id.is_empty()
+    }
+
+    /// Moves the tenants these runs make ready to `after_commit`, for the
+    /// caller to wake once it committed.
+    pub(crate) fn hand_over_wakes(&mut self, after_commit: &mut Vec<String>) {
         self.ready_tenants.sort_unstable();
         self.ready_tenants.dedup();
-        if let Some(after_commit) = after_commit {
-            after_commit.append(&mut self.ready_tenants);
-        }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 14] = [
+        after_commit.append(&mut self.ready_tenants);
+    }
+
+    /// The parameters of `RUNS_INSERT_SQL` for these runs.
+    pub(crate) fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 14] {
+        [
             &self.id,
             &self.tenant_id,
             &self.instance_id,
@@ -482,16 +511,7 @@ impl RunRows {
             &self.external,
             &self.config,
             &self.wait_ms,
-        ];
-        let insert = transaction.execute_c(RUNS_INSERT_SQL, &params);
-        // Pipelined: the INSERT and the wake-up (none when the caller wakes
-        // after its commit: `ready_tenants` was handed over above).
-        futures::future::try_join(
-            async { insert.await.map_err(Error::from) },
-            notify_in_transaction(transaction, &self.ready_tenants),
-        )
-        .await?;
-        Ok(())
+        ]
     }
 }
 

@@ -121,6 +121,13 @@ impl Tx {
         Ok(executed)
     }
 
+    /// The transaction ended in a COMMIT the caller pipelined itself
+    /// (answered: committed, or rolled back if a statement before it
+    /// failed); the connection goes back to the pool without a ROLLBACK.
+    pub(crate) fn ended(mut self) {
+        self.done = true;
+    }
+
     /// Rolls back and waits for it; the connection goes back to the pool.
     pub(crate) async fn rollback(mut self) -> Result<(), Error> {
         self.batch_execute("ROLLBACK").await?;

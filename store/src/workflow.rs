@@ -228,14 +228,24 @@ impl Store {
         // (`start_items`).
         let transaction = Tx::open(self.pool.get().await?);
         let mut wake = Vec::new();
+        let mut ended = false;
         let answers = start_items(
             &transaction,
             Some(Scope::Tenants(&tenants)),
             items,
             all_or_none,
             &mut wake,
+            Some(&mut ended),
         )
-        .await?;
+        .await;
+        if ended {
+            // Its COMMIT went out with the writes (and was answered).
+            transaction.ended();
+            let answers = answers?;
+            self.wake_after_commit(wake);
+            return Ok(answers);
+        }
+        let answers = answers?;
         transaction.commit().await?;
         self.wake_after_commit(wake);
         Ok(answers)
@@ -636,6 +646,7 @@ async fn start_one(
         &[(tenant, request, idempotency_key)],
         true,
         wake_after_commit,
+        None,
     )
     .await?
     .pop()
@@ -655,12 +666,20 @@ async fn start_one(
 /// existing instance, so when no item has one the instances' INSERT and
 /// their runs' go out together too: a start group then costs one round
 /// trip, another, and COMMIT.
+///
+/// With `commit_into`, when no item has a key and each new instance only
+/// starts plain steps (`grouped::plain_starts`), the COMMIT goes out with
+/// those two INSERTs, whose statements are then all known before any is
+/// sent: a start group costs two round trips. `commit_into` is then set
+/// once the COMMIT was answered (committed, or rolled back by the server
+/// when an INSERT before it failed, whose error is returned).
 async fn start_items(
     transaction: &Tx,
     scope: Option<Scope<'_>>,
     items: &[(&Tenant, &StartInstance, Option<&str>)],
     all_or_none: bool,
     wake_after_commit: &mut Vec<String>,
+    commit_into: Option<&mut bool>,
 ) -> Result<Vec<Result<Started, Error>>, Error> {
     let definitions = resolve_definitions(transaction, scope, items).await?;
     let mut answers: Vec<Option<Result<Started, Error>>> = Vec::with_capacity(items.len());
@@ -722,7 +741,40 @@ async fn start_items(
         .iter()
         .map(|(_, instance)| (instance, Vec::new()))
         .collect();
-    let statuses = if keyless {
+    let plain = match commit_into {
+        Some(ended) if keyless && !fresh.is_empty() => grouped::plain_starts(&planned)?
+            .filter(|rows| !rows.is_empty())
+            .map(|rows| (ended, rows)),
+        _ => None,
+    };
+    let statuses = if let Some((ended, mut rows)) = plain {
+        // Every statement prepared first, then sent on the first poll, in
+        // order: the instances, their runs, COMMIT. None of them waits for
+        // another's answer, so the COMMIT cannot go out before a write.
+        let (insert_instances, insert_runs, commit) = futures::future::try_join3(
+            transaction.prepare_cached(NewInstances::INSERT_SQL),
+            transaction.prepare_cached(progress::RUNS_INSERT_SQL),
+            transaction.prepare_cached("COMMIT"),
+        )
+        .await?;
+        rows.hand_over_wakes(wake_after_commit);
+        let (instance_params, run_params) = (new.params(), rows.params());
+        let (inserted, written, committed) = futures::join!(
+            transaction.query(&insert_instances, &instance_params),
+            transaction.execute(&insert_runs, &run_params),
+            transaction.execute(&commit, &[]),
+        );
+        *ended = committed.is_ok();
+        let inserted = inserted?;
+        written?;
+        committed?;
+        if inserted.len() != new.id.len() {
+            return Err(Error::Corrupt(
+                "a new instance without keys was not inserted".into(),
+            ));
+        }
+        vec![status::RUNNING.to_owned(); fresh.len()]
+    } else if keyless {
         // Both statements prepared first, so that the instances' INSERT
         // goes out before the runs' on the first poll (the server runs
         // them in that order).
@@ -841,6 +893,20 @@ impl NewInstances {
         self.trace_parent.push(trace_parent);
     }
 
+    /// The parameters of `INSERT_SQL` for these instances.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 8] {
+        [
+            &self.id,
+            &self.tenant_id,
+            &self.definition_id,
+            &self.definition_name,
+            &self.input,
+            &self.business_key,
+            &self.idempotency_key,
+            &self.trace_parent,
+        ]
+    }
+
     /// Inserts the instances, in order, skipping any whose idempotency key
     /// or business key exists (or was inserted just before it); returns
     /// the ids inserted.
@@ -849,19 +915,7 @@ impl NewInstances {
             return Ok(HashSet::new());
         }
         Ok(transaction
-            .query_c(
-                Self::INSERT_SQL,
-                &[
-                    &self.id,
-                    &self.tenant_id,
-                    &self.definition_id,
-                    &self.definition_name,
-                    &self.input,
-                    &self.business_key,
-                    &self.idempotency_key,
-                    &self.trace_parent,
-                ],
-            )
+            .query_c(Self::INSERT_SQL, &self.params())
             .await?
             .iter()
             .map(|row| row.get(0))

@@ -854,3 +854,93 @@ async fn group_commits_wake_the_dispatcher_once_they_committed() {
     listening.abort();
     sandbox.teardown().await;
 }
+
+/// A batch start of plain steps sends its COMMIT with its two INSERTs.
+/// When the runs' INSERT fails after the instances' went through, the
+/// server rolls the whole transaction back: the error is returned, nothing
+/// of the batch is left, and the pooled connections serve the next starts.
+#[tokio::test]
+async fn a_start_whose_runs_fail_to_insert_leaves_nothing_though_its_commit_went_with_them() {
+    let sandbox = Sandbox::new().await;
+    let store = sandbox.store().await;
+    let tenant = store
+        .create_tenant("east-wing", "gold", ward_store::Quotas::default())
+        .await
+        .unwrap()
+        .tenant;
+    for (name, handler) in [("admit", "echo"), ("refused", "refused-handler")] {
+        let definition = ward_shared::Definition::from_json(
+            serde_json::to_string(&sequential(name, &[handler]))
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        store
+            .publish_definition(&tenant, &definition)
+            .await
+            .unwrap();
+    }
+    let sql = sandbox.sql().await;
+    sql.batch_execute(
+        "ALTER TABLE task_runs ADD CONSTRAINT test_refused CHECK (handler <> 'refused-handler')",
+    )
+    .await
+    .unwrap();
+    let start = |definition: &str| {
+        (
+            StartInstance {
+                definition: definition.into(),
+                version: None,
+                input: json!({ "ward": 7 }),
+                business_key: None,
+                trace_parent: None,
+            },
+            None,
+        )
+    };
+    let counts = || async {
+        let row = sql
+            .query_one(
+                "SELECT (SELECT count(*) FROM instances), (SELECT count(*) FROM task_runs WHERE state = 'ready')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let admitted = store
+        .start_instances(&tenant, &[start("admit"), start("admit")])
+        .await
+        .unwrap();
+    assert_eq!(admitted.len(), 2);
+    assert_eq!(counts().await, (2, 2));
+
+    for _ in 0..3 {
+        let error = store
+            .start_instances(&tenant, &[start("refused"), start("admit")])
+            .await
+            .expect_err("the runs' INSERT breaks the check");
+        assert!(format!("{error:?}").contains("test_refused"), "{error:?}");
+        assert_eq!(
+            counts().await,
+            (2, 2),
+            "nothing of the failed batch is left"
+        );
+    }
+
+    // Every pooled connection is out of its transaction: the next starts
+    // commit, seen from another connection.
+    for round in 1..=6 {
+        let started = store
+            .start_instances(&tenant, &[start("admit"), start("admit"), start("admit")])
+            .await
+            .unwrap();
+        assert!(
+            started
+                .iter()
+                .all(|started| started.created && started.status == "running")
+        );
+        assert_eq!(counts().await, (2 + 3 * round, 2 + 3 * round));
+    }
+    sandbox.teardown().await;
+}
