@@ -141,13 +141,7 @@ impl Cluster {
     /// process's `/metrics` (a process that does not answer counts 0).
     pub async fn metric_sum(&self, name: &str) -> f64 {
         let mut sum = 0.0;
-        for url in &self.process_urls {
-            let Ok(response) = self.http.get(format!("{url}/metrics")).send().await else {
-                continue;
-            };
-            let Ok(text) = response.text().await else {
-                continue;
-            };
+        for text in self.metrics_texts().await {
             for line in text.lines() {
                 let Some(rest) = line.strip_prefix(name) else {
                     continue;
@@ -161,6 +155,49 @@ impl Cluster {
             }
         }
         sum
+    }
+
+    /// The cumulative buckets of a histogram series over every process,
+    /// summed: `series` is the bucket series up to its `le` label, such as
+    /// `ward_http_request_seconds_bucket{class="2xx",method="GET",route="/v1/instances/{id}"`.
+    /// Returns (upper bound in seconds, count), by bound (+Inf last).
+    pub async fn buckets(&self, series: &str) -> Vec<(f64, f64)> {
+        let prefix = format!("{series},le=\"");
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        for text in self.metrics_texts().await {
+            for line in text.lines() {
+                let Some((bound, count)) = line
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.split_once("\"} "))
+                else {
+                    continue;
+                };
+                let (Ok(bound), Ok(count)) = (bound.parse::<f64>(), count.parse::<f64>()) else {
+                    continue;
+                };
+                match buckets.iter_mut().find(|(le, _)| *le == bound) {
+                    Some((_, sum)) => *sum += count,
+                    None => buckets.push((bound, count)),
+                }
+            }
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
+    /// Every process's `/metrics` text (a process that does not answer is
+    /// left out).
+    async fn metrics_texts(&self) -> Vec<String> {
+        let mut texts = Vec::with_capacity(self.process_urls.len());
+        for url in &self.process_urls {
+            let Ok(response) = self.http.get(format!("{url}/metrics")).send().await else {
+                continue;
+            };
+            if let Ok(text) = response.text().await {
+                texts.push(text);
+            }
+        }
+        texts
     }
 
     fn schema(&self) -> String {

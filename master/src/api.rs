@@ -98,10 +98,52 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // Matched routes only: their templates are a closed set of labels.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            observe_request,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(payload_bytes_max))
         .with_state(state)
+}
+
+/// Times each request of a matched route into `ward_http_request_seconds`,
+/// labelled by the route's template (never its ids), the method (from a
+/// closed set) and the status class.
+async fn observe_request(
+    State(metrics): State<Metrics>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PATCH => "PATCH",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
+    metrics
+        .http_request_seconds
+        .with_label_values(&[route.as_str(), method, class])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// An API error: a status and a JSON body naming what is wrong.

@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 use ward_broker::Broker;
 use ward_store::{ActiveTenant, Listener, LocalWake, Pick, Store, TierSpec};
@@ -133,8 +134,8 @@ struct Active {
 /// inline behind it waited that long).
 struct Rebuild {
     /// Resolves to the tiers and each tier's active tenants, and how long
-    /// the read took.
-    reading: tokio::task::JoinHandle<(Result<ActiveSets, ward_store::Error>, Duration)>,
+    /// the read took; dropped (the loop ended), it stops the read.
+    reading: AbortOnDropHandle<(Result<ActiveSets, ward_store::Error>, Duration)>,
     /// Tenants that joined the sets while it read: its snapshot may predate
     /// their work, so they are kept if it does not list them.
     joined: HashMap<Uuid, (String, ActiveTenant)>,
@@ -184,8 +185,9 @@ pub async fn run(
     let mut broker: Option<Arc<Broker>> = None;
     let mut backlog_refreshed_at: Option<Instant> = None;
     // The backlog count in the background (it only sets a gauge): resolves
-    // to how long it took.
-    let mut backlog_reading: Option<tokio::task::JoinHandle<Duration>> = None;
+    // to how long it took. The reads in the background only inform, so
+    // they stop when the loop ends (`AbortOnDropHandle`).
+    let mut backlog_reading: Option<AbortOnDropHandle<Duration>> = None;
     let mut rebuild: Option<Rebuild> = None;
     let mut rebuilt = None;
     // A background rebuild failed: back off as for any store failure.
@@ -292,10 +294,10 @@ pub async fn run(
         } else if due {
             let (store, tiers) = (store.clone(), config.tiers.clone());
             rebuild = Some(Rebuild {
-                reading: tokio::spawn(async move {
+                reading: AbortOnDropHandle::new(tokio::spawn(async move {
                     let started = Instant::now();
                     (read_active(&store, &tiers).await, started.elapsed())
-                }),
+                })),
                 joined: HashMap::new(),
             });
         }
@@ -358,11 +360,11 @@ pub async fn run(
             && backlog_refreshed_at.is_none_or(|at| at.elapsed() >= backlog_refresh_every)
         {
             let (store, metrics, tiers) = (store.clone(), metrics.clone(), active.tiers.clone());
-            backlog_reading = Some(tokio::spawn(async move {
+            backlog_reading = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                 let started = Instant::now();
                 refresh_backlog(&store, &metrics, &tiers).await;
                 started.elapsed()
-            }));
+            })));
         }
         if failed {
             // Let the rounds in flight end before backing off and replacing
@@ -438,14 +440,8 @@ pub async fn run(
         }
     }
     // Stop taking work; let the rounds in flight end (each is bounded by
-    // the publish timeout) so none is left half done. The reads in the
-    // background only inform, so they stop here.
-    if let Some(rebuild) = rebuild {
-        rebuild.reading.abort();
-    }
-    if let Some(reading) = backlog_reading {
-        reading.abort();
-    }
+    // the publish timeout) so none is left half done.
+    drop((rebuild, backlog_reading));
     while let Some(done) = rounds.next().await {
         let _ = finish_round(&metrics, done, &mut active, &mut ledger, &mut inflight);
     }

@@ -31,6 +31,7 @@ pub const WORKERS_DESIRED: &str = "ward_workers_desired";
 pub const INSTANCES_FINISHED_TOTAL: &str = "ward_instances_finished_total";
 pub const STORE_TRANSACTION_SECONDS: &str = "ward_store_transaction_seconds";
 pub const PUBLISH_CONFIRM_SECONDS: &str = "ward_publish_confirm_seconds";
+pub const HTTP_REQUEST_SECONDS: &str = "ward_http_request_seconds";
 
 /// Dead-letter reasons (the `reason` label of `ward_tasks_dead_lettered_total`).
 pub const DEAD_LETTER_REASONS: [&str; 4] = ["delivery_limit", "rejected", "expired", "other"];
@@ -89,6 +90,9 @@ pub struct Metrics {
     pub store_transaction_seconds: HistogramVec,
     /// Time from publishing a batch to the broker confirming all of it.
     pub publish_confirm_seconds: Histogram,
+    /// By `route` (the route's template, such as `/v1/instances/{id}`),
+    /// `method` and `class` (`2xx` ... `5xx`): time to answer an API request.
+    pub http_request_seconds: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -267,6 +271,18 @@ impl Metrics {
                 ]),
             )
             .unwrap(),
+            http_request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    HTTP_REQUEST_SECONDS,
+                    "Time to answer an API request, by route template, method and status class.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+                &["route", "method", "class"],
+            )
+            .unwrap(),
             registry,
         };
         for kind in ["fenced", "store", "broker"] {
@@ -317,6 +333,7 @@ impl Metrics {
             Box::new(metrics.instances_finished_total.clone()),
             Box::new(metrics.store_transaction_seconds.clone()),
             Box::new(metrics.publish_confirm_seconds.clone()),
+            Box::new(metrics.http_request_seconds.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector).unwrap();

@@ -68,6 +68,14 @@ async fn three_step_instance_runs_to_completion() {
     );
     assert!(instance["completed_at"].is_string());
 
+    // A path no route matches is answered, and not timed under its own label.
+    let unknown = sandbox
+        .http
+        .get(format!("{url}/v1/unrouted/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
     let metrics = sandbox.metrics(&url).await;
     assert!(
         metrics.contains("ward_instances_started_total 1"),
@@ -77,6 +85,26 @@ async fn three_step_instance_runs_to_completion() {
         metrics.contains("ward_tasks_dispatched_total{tier=\"gold\"} 3"),
         "{metrics}"
     );
+    // Each request of a route is timed under its template, method and class.
+    let count = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    assert_eq!(
+        count(
+            "ward_http_request_seconds_count{class=\"2xx\",method=\"POST\",route=\"/v1/instances\"}"
+        ),
+        1
+    );
+    assert!(
+        count(
+            "ward_http_request_seconds_count{class=\"2xx\",method=\"GET\",route=\"/v1/instances/{id}\"}"
+        ) >= 1,
+        "wait_finished read the instance"
+    );
+    assert!(!metrics.contains("/v1/unrouted"), "{metrics}");
     assert!(!metrics.contains(&id), "no instance ids in metrics");
     sandbox.teardown().await;
 }

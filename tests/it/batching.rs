@@ -46,6 +46,20 @@ async fn instance_count(sandbox: &Sandbox) -> i64 {
         .get(0)
 }
 
+/// A store on the sandbox's schema, with one tenant of the gold tier.
+async fn store_with_tenant(
+    sandbox: &Sandbox,
+    slug: &str,
+) -> (ward_store::Store, ward_store::Tenant) {
+    let store = sandbox.store().await;
+    let tenant = store
+        .create_tenant(slug, "gold", ward_store::Quotas::default())
+        .await
+        .unwrap()
+        .tenant;
+    (store, tenant)
+}
+
 #[tokio::test]
 async fn a_batch_start_runs_every_instance_and_a_bad_item_starts_none() {
     let mut sandbox = Sandbox::new().await;
@@ -471,12 +485,7 @@ async fn concurrent_single_starts_share_transactions_and_each_gets_its_answer() 
 #[tokio::test]
 async fn a_parent_that_fails_in_a_group_commit_cancels_the_child_settled_beside_it() {
     let sandbox = Sandbox::new().await;
-    let store = sandbox.store().await;
-    let tenant = store
-        .create_tenant("east-wing", "gold", ward_store::Quotas::default())
-        .await
-        .unwrap()
-        .tenant;
+    let (store, tenant) = store_with_tenant(&sandbox, "east-wing").await;
     for spec in [
         json!({ "name": "kid", "steps": [
             { "id": "k", "kind": "task", "handler": "echo", "retry": { "max_attempts": 1 } }
@@ -862,12 +871,7 @@ async fn group_commits_wake_the_dispatcher_once_they_committed() {
 #[tokio::test]
 async fn a_start_whose_runs_fail_to_insert_leaves_nothing_though_its_commit_went_with_them() {
     let sandbox = Sandbox::new().await;
-    let store = sandbox.store().await;
-    let tenant = store
-        .create_tenant("east-wing", "gold", ward_store::Quotas::default())
-        .await
-        .unwrap()
-        .tenant;
+    let (store, tenant) = store_with_tenant(&sandbox, "east-wing").await;
     for (name, handler) in [("admit", "echo"), ("refused", "refused-handler")] {
         let definition = ward_shared::Definition::from_json(
             serde_json::to_string(&sequential(name, &[handler]))
