@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use ward_worker::Registry;
 
-use crate::sandbox::{ADMIN_TOKEN, Sandbox, binary_path};
+use crate::sandbox::{ADMIN_TOKEN, Sandbox, binary_path, sequential};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -488,6 +488,73 @@ async fn a_flooding_tenant_cannot_starve_the_others_and_quotas_bound_in_flight()
         metrics.contains("ward_tenant_throttled_total{reason=\"inflight\"}"),
         "throttling is visible"
     );
+    sandbox.teardown().await;
+}
+
+/// The leader's dispatch loop does not wait for the rebuild of its active
+/// tenants: with that read blocked (its `tiers` table locked), a tenant's
+/// new work is still dispatched and run, and the rebuild lands once the
+/// lock goes.
+#[tokio::test]
+async fn dispatch_goes_on_while_the_rebuild_of_active_tenants_is_blocked() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    sandbox.start_worker(Registry::builtin()).await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "west-wing", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("round", &["echo"]))
+        .await;
+    let run_one = || async {
+        let id = sandbox
+            .start_instance(&url, &key, &json!({ "definition": "round", "input": {} }))
+            .await;
+        sandbox
+            .wait_finished(&url, &key, &id, Duration::from_secs(5))
+            .await
+    };
+    assert_eq!(run_one().await["status"], "completed");
+
+    let locker = sandbox.sql().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE tiers IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // A rebuild (each second) is soon waiting for the lock.
+    let rebuild_waiting = || async {
+        sandbox
+            .sql()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE '%FROM tiers ORDER BY name%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    };
+    let deadline = Instant::now() + WAIT;
+    while !rebuild_waiting().await {
+        assert!(
+            Instant::now() < deadline,
+            "no rebuild came to wait for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Meanwhile every new instance is dispatched and runs.
+    for _ in 0..3 {
+        assert_eq!(run_one().await["status"], "completed");
+    }
+    assert!(rebuild_waiting().await, "the rebuild was blocked all along");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while rebuild_waiting().await {
+        assert!(Instant::now() < deadline, "the rebuild still waits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(run_one().await["status"], "completed");
     sandbox.teardown().await;
 }
 
