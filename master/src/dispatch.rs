@@ -139,6 +139,10 @@ struct Rebuild {
     /// Tenants that joined the sets while it read: its snapshot may predate
     /// their work, so they are kept if it does not list them.
     joined: HashMap<Uuid, (String, ActiveTenant)>,
+    /// Known tenants woken while it read (new work committed): kept too,
+    /// with their tier and quotas of the sets it replaces, for the same
+    /// reason (the wake-up is spent; none would bring them back).
+    woken: HashSet<Uuid>,
 }
 
 /// The tiers, and each tier's tenants with ready work.
@@ -232,6 +236,9 @@ pub async fn run(
                 }
                 Ok(tenant_id) => {
                     active.rewoken.insert(tenant_id);
+                    if let Some(rebuild) = &mut rebuild {
+                        rebuild.woken.insert(tenant_id);
+                    }
                 }
                 Err(_) => force_refresh = true,
             }
@@ -269,7 +276,10 @@ pub async fn run(
             }
         }
         let mut failed = std::mem::take(&mut rebuild_failed);
-        let due = rebuild.is_none()
+        // Not while backing off from a failed one: the next look comes
+        // after the failure pause.
+        let due = !failed
+            && rebuild.is_none()
             && active.refreshed_at.is_none_or(|at| {
                 let age = at.elapsed();
                 age >= active_refresh_every
@@ -281,7 +291,13 @@ pub async fn run(
             // The term's first: nothing to plan with before it.
             let started = Instant::now();
             match read_active(&store, &config.tiers).await {
-                Ok(sets) => replace_active(&mut active, &mut ledger, sets, HashMap::new()),
+                Ok(sets) => replace_active(
+                    &mut active,
+                    &mut ledger,
+                    sets,
+                    HashMap::new(),
+                    &HashSet::new(),
+                ),
                 Err(error) => {
                     tracing::warn!(%error, "refresh of active tenants failed");
                     failed = true;
@@ -299,6 +315,7 @@ pub async fn run(
                     (read_active(&store, &tiers).await, started.elapsed())
                 })),
                 joined: HashMap::new(),
+                woken: HashSet::new(),
             });
         }
         // A broken broker is replaced once no round uses it any more.
@@ -427,7 +444,9 @@ pub async fn run(
                 (Err(ward_store::Error::Unavailable(error)), Duration::ZERO)
             });
             match read {
-                Ok(sets) => replace_active(&mut active, &mut ledger, sets, done.joined),
+                Ok(sets) => {
+                    replace_active(&mut active, &mut ledger, sets, done.joined, &done.woken)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "refresh of active tenants failed");
                     rebuild_failed = true;
@@ -477,19 +496,28 @@ async fn read_active(
 }
 
 /// Replaces the dispatcher's sets with a rebuild, keeping the tenants that
-/// `joined` while it was read and that it does not list.
+/// `joined` the sets or were `woken` while it was read and that it does not
+/// list.
 fn replace_active(
     active: &mut Active,
     ledger: &mut Ledger,
     (tiers, mut by_tier): ActiveSets,
     joined: HashMap<Uuid, (String, ActiveTenant)>,
+    woken: &HashSet<Uuid>,
 ) {
     let mut known: HashSet<Uuid> = by_tier
         .values()
         .flatten()
         .map(|tenant| tenant.tenant_id)
         .collect();
-    for (tenant_id, (tier, tenant)) in joined {
+    let kept_woken = active.by_tier.iter().flat_map(|(tier, tenants)| {
+        tenants
+            .iter()
+            .filter(|tenant| woken.contains(&tenant.tenant_id))
+            .map(move |tenant| (tenant.tenant_id, (tier.clone(), *tenant)))
+    });
+    let kept: Vec<(Uuid, (String, ActiveTenant))> = joined.into_iter().chain(kept_woken).collect();
+    for (tenant_id, (tier, tenant)) in kept {
         if known.insert(tenant_id) {
             by_tier.entry(tier).or_default().push(tenant);
         }
@@ -936,7 +964,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuild_read_in_the_background_keeps_the_tenants_that_joined_while_it_read() {
+    fn a_rebuild_read_in_the_background_keeps_the_tenants_that_joined_or_woke_while_it_read() {
         let tenant = |tenant_id| ActiveTenant {
             tenant_id,
             inflight_max: 0,
@@ -948,7 +976,10 @@ mod tests {
             Uuid::now_v7(),
             Uuid::now_v7(),
         );
+        let woke = Uuid::now_v7();
         let mut active = active_with(gone);
+        active.by_tier.get_mut(TIER).unwrap().push(tenant(woke));
+        active.known.insert(woke);
         active.rewoken.extend([gone, listed]);
         let mut ledger = Ledger::default();
         ledger.last_served.extend([(gone, 1), (listed, 2)]);
@@ -962,12 +993,23 @@ mod tests {
             (joined_late, (TIER.to_owned(), tenant(joined_late))),
             (joined_listed, (TIER.to_owned(), tenant(joined_listed))),
         ]);
-        replace_active(&mut active, &mut ledger, read, joined);
+        // `woke` was known and woken while it read (its snapshot came when a
+        // round held all its runs): kept. `gone` was not woken: dropped.
+        replace_active(
+            &mut active,
+            &mut ledger,
+            read,
+            joined,
+            &HashSet::from([woke, listed]),
+        );
         let mut ids: Vec<Uuid> = active.by_tier[TIER].iter().map(|t| t.tenant_id).collect();
         ids.sort();
-        let mut expected = vec![listed, joined_late, joined_listed];
+        let mut expected = vec![listed, joined_late, joined_listed, woke];
         expected.sort();
-        assert_eq!(ids, expected, "each once; the late joiner kept");
+        assert_eq!(
+            ids, expected,
+            "each once; the late joiner and the woken one kept"
+        );
         assert_eq!(active.known, HashSet::from_iter(expected));
         assert!(active.refreshed_at.is_some());
         // A tenant no longer active is forgotten; the others' state stays.

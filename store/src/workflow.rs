@@ -748,31 +748,26 @@ async fn start_items(
         _ => None,
     };
     let statuses = if let Some((ended, mut rows)) = plain {
-        // Every statement prepared first, then sent on the first poll, in
-        // order: the instances, their runs, COMMIT. None of them waits for
-        // another's answer, so the COMMIT cannot go out before a write.
-        let (insert_instances, insert_runs, commit) = futures::future::try_join3(
-            transaction.prepare_cached(NewInstances::INSERT_SQL),
-            transaction.prepare_cached(progress::RUNS_INSERT_SQL),
+        // ONE statement writes the instances and their runs, then COMMIT,
+        // both prepared first and sent on the first poll, in that order.
+        // The statement is all or nothing: if it fails on the server, the
+        // server answers the COMMIT by rolling back; if it cannot even be
+        // sent, the COMMIT ends a transaction that wrote nothing.
+        let (write, commit) = futures::future::try_join(
+            transaction.prepare_cached(&FRESH_START_SQL),
             transaction.prepare_cached("COMMIT"),
         )
         .await?;
         rows.hand_over_wakes(wake_after_commit);
-        let (instance_params, run_params) = (new.params(), rows.params());
-        let (inserted, written, committed) = futures::join!(
-            transaction.query(&insert_instances, &instance_params),
-            transaction.execute(&insert_runs, &run_params),
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            new.params().into_iter().chain(rows.params()).collect();
+        let (written, committed) = futures::join!(
+            transaction.execute(&write, &params),
             transaction.execute(&commit, &[]),
         );
         *ended = committed.is_ok();
-        let inserted = inserted?;
         written?;
         committed?;
-        if inserted.len() != new.id.len() {
-            return Err(Error::Corrupt(
-                "a new instance without keys was not inserted".into(),
-            ));
-        }
         vec![status::RUNNING.to_owned(); fresh.len()]
     } else if keyless {
         // Both statements prepared first, so that the instances' INSERT
@@ -834,6 +829,41 @@ async fn start_items(
         .collect())
 }
 
+/// New instances without keys and the runs they start, in ONE statement:
+/// the instances' INSERT (without `ON CONFLICT`: a conflict fails it all)
+/// as a CTE, then the runs' (`RUNS_INSERT_SQL` with its parameters numbered
+/// after the instances').
+static FRESH_START_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let instances = NewInstances::INSERT_SQL
+        .strip_suffix(" ON CONFLICT DO NOTHING RETURNING id")
+        .unwrap_or(NewInstances::INSERT_SQL);
+    format!(
+        "WITH new_instances AS ({instances}) {}",
+        renumber_parameters(progress::RUNS_INSERT_SQL, NewInstances::PARAMS_LEN)
+    )
+});
+
+/// `sql` with each parameter `$n` written `$(n + by)`.
+fn renumber_parameters(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.next_if(char::is_ascii_digit) {
+            digits.push(d);
+        }
+        match digits.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&digits),
+        }
+    }
+    out
+}
+
 /// New instances written with ONE `INSERT ... SELECT FROM unnest(...)`.
 #[derive(Default)]
 struct NewInstances {
@@ -893,8 +923,11 @@ impl NewInstances {
         self.trace_parent.push(trace_parent);
     }
 
+    /// How many parameters `INSERT_SQL` has.
+    const PARAMS_LEN: usize = 8;
+
     /// The parameters of `INSERT_SQL` for these instances.
-    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 8] {
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); Self::PARAMS_LEN] {
         [
             &self.id,
             &self.tenant_id,
@@ -1056,4 +1089,34 @@ pub(crate) async fn create_child(
         parent: Some((parent.id, parent_task_run_id)),
         depth: parent.depth + 1,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_start_is_one_statement_whose_instances_insert_cannot_skip_a_row() {
+        assert_eq!(
+            renumber_parameters("a $1, $14::int[] $ $x", 8),
+            "a $9, $22::int[] $ $x"
+        );
+        let sql = &*FRESH_START_SQL;
+        assert!(
+            sql.starts_with("WITH new_instances AS (INSERT INTO instances"),
+            "{sql}"
+        );
+        assert!(
+            !sql.contains("ON CONFLICT DO NOTHING RETURNING id"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("unnest($1::uuid[]") && sql.contains("unnest($9::uuid[]"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("$22::bigint[]") && !sql.contains("$23"),
+            "{sql}"
+        );
+    }
 }
