@@ -2,6 +2,7 @@
 //! binaries) against the real services, isolated by a schema, a queue
 //! prefix and an etcd prefix; their memory and CPU read from /proc.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -141,7 +142,7 @@ impl Cluster {
     /// process's `/metrics` (a process that does not answer counts 0).
     pub async fn metric_sum(&self, name: &str) -> f64 {
         let mut sum = 0.0;
-        for text in self.metrics_texts().await {
+        for (_, text) in self.metrics_texts().await {
             for line in text.lines() {
                 let Some(rest) = line.strip_prefix(name) else {
                     continue;
@@ -157,14 +158,16 @@ impl Cluster {
         sum
     }
 
-    /// The cumulative buckets of a histogram series over every process,
-    /// summed: `series` is the bucket series up to its `le` label, such as
+    /// The cumulative buckets of a histogram series, by process (its URL;
+    /// a process that does not answer is left out): `series` is the bucket
+    /// series up to its `le` label, such as
     /// `ward_http_request_seconds_bucket{class="2xx",method="GET",route="/v1/instances/{id}"`.
-    /// Returns (upper bound in seconds, count), by bound (+Inf last).
-    pub async fn buckets(&self, series: &str) -> Vec<(f64, f64)> {
+    /// Each is (upper bound in seconds, count), by bound (+Inf last).
+    pub async fn buckets(&self, series: &str) -> HashMap<String, Vec<(f64, f64)>> {
         let prefix = format!("{series},le=\"");
-        let mut buckets: Vec<(f64, f64)> = Vec::new();
-        for text in self.metrics_texts().await {
+        let mut by_process = HashMap::new();
+        for (url, text) in self.metrics_texts().await {
+            let mut buckets: Vec<(f64, f64)> = Vec::new();
             for line in text.lines() {
                 let Some((bound, count)) = line
                     .strip_prefix(&prefix)
@@ -175,26 +178,24 @@ impl Cluster {
                 let (Ok(bound), Ok(count)) = (bound.parse::<f64>(), count.parse::<f64>()) else {
                     continue;
                 };
-                match buckets.iter_mut().find(|(le, _)| *le == bound) {
-                    Some((_, sum)) => *sum += count,
-                    None => buckets.push((bound, count)),
-                }
+                buckets.push((bound, count));
             }
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            by_process.insert(url, buckets);
         }
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        buckets
+        by_process
     }
 
-    /// Every process's `/metrics` text (a process that does not answer is
-    /// left out).
-    async fn metrics_texts(&self) -> Vec<String> {
+    /// Every process's URL and `/metrics` text (a process that does not
+    /// answer is left out).
+    async fn metrics_texts(&self) -> Vec<(String, String)> {
         let mut texts = Vec::with_capacity(self.process_urls.len());
         for url in &self.process_urls {
             let Ok(response) = self.http.get(format!("{url}/metrics")).send().await else {
                 continue;
             };
             if let Ok(text) = response.text().await {
-                texts.push(text);
+                texts.push((url.clone(), text));
             }
         }
         texts
