@@ -64,13 +64,18 @@ impl TraceParent {
     }
 }
 
+/// Lowercase hex of `bytes`, written into one allocation (the dispatcher
+/// derives a header per message, so no `format!` per byte).
 fn to_hex(bytes: &[u8]) -> String {
-    let text: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
     // An all-zero id is invalid; the odds are nil, but keep the header valid.
     if text.bytes().all(|byte| byte == b'0') {
-        let mut text = text;
         text.replace_range(text.len() - 1.., "1");
-        return text;
     }
     text
 }
@@ -114,5 +119,23 @@ mod tests {
         assert_eq!(child.trace_id, root.trace_id);
         assert_eq!(child.parent_id, "0909090909090909");
         assert_eq!(TraceParent::parse(&child.header()).as_ref(), Some(&child));
+    }
+
+    #[test]
+    fn ids_are_lowercase_hex_of_every_byte_and_never_all_zero() {
+        let root = TraceParent::root(
+            [
+                0x00, 0x01, 0x0f, 0x10, 0x7f, 0x80, 0xab, 0xff, 0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3,
+                0x4d, 0xa6,
+            ],
+            [0; 8],
+        );
+        assert_eq!(root.trace_id, "00010f107f80abff4bf92f3577b34da6");
+        assert_eq!(root.parent_id, "0000000000000001");
+        assert_eq!(
+            root.header(),
+            "00-00010f107f80abff4bf92f3577b34da6-0000000000000001-01"
+        );
+        assert!(TraceParent::parse(&root.header()).is_some());
     }
 }
