@@ -737,12 +737,16 @@ async fn queries(
                 };
                 let began = intended;
                 intended += interval;
-                let ok = http
-                    .get(url)
-                    .bearer_auth(&keys[*tenant])
-                    .send()
-                    .await
-                    .is_ok_and(|response| response.status().is_success());
+                // Timed to the body's last byte, as a client waits for it
+                // (the time to the headers alone left the body's transfer
+                // and parsing out).
+                let ok = match http.get(url).bearer_auth(&keys[*tenant]).send().await {
+                    Ok(response) => {
+                        let success = response.status().is_success();
+                        response.bytes().await.is_ok() && success
+                    }
+                    Err(_) => false,
+                };
                 let ms = began.elapsed().as_secs_f64() * 1000.0;
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
