@@ -47,6 +47,19 @@ impl Default for Shape {
 
 pub const ADMIN_TOKEN: &str = "bench-admin-token";
 
+/// A Ward cluster already running, to attach to instead of starting one
+/// (`ward-bench perf --cluster-url`).
+#[derive(Debug, Clone)]
+pub struct Attach {
+    /// Base URL of its API (a master, or a load balancer before them).
+    pub url: String,
+    pub admin_token: String,
+    /// Its database schema (`database.schema`), in `Services::database_url`.
+    pub schema: String,
+    /// Base URLs of its masters' and workers' `/metrics`.
+    pub process_urls: Vec<String>,
+}
+
 /// A running cluster.
 pub struct Cluster {
     pub name: String,
@@ -56,6 +69,10 @@ pub struct Cluster {
     children: Vec<(String, Child)>,
     /// Base URL of every process (masters and workers).
     process_urls: Vec<String>,
+    admin_token: String,
+    /// Set when attached to a running cluster: nothing is started, and
+    /// nothing is removed at the end.
+    attached: Option<Attach>,
 }
 
 impl Cluster {
@@ -72,6 +89,8 @@ impl Cluster {
             services: services.clone(),
             children: Vec::new(),
             process_urls: Vec::new(),
+            admin_token: ADMIN_TOKEN.to_owned(),
+            attached: None,
         };
         let mut ready_urls = Vec::new();
         for index in 0..shape.masters {
@@ -97,6 +116,50 @@ impl Cluster {
         for url in &ready_urls {
             cluster.wait_started(url, Duration::from_secs(60)).await?;
         }
+        Ok(cluster)
+    }
+
+    /// Attaches to a running cluster: checks that every process answers
+    /// ready and that the schema is reachable; starts nothing.
+    pub async fn attach(
+        services: &Services,
+        name: &str,
+        attach: Attach,
+    ) -> anyhow::Result<Cluster> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        let mut process_urls = attach.process_urls.clone();
+        if process_urls.is_empty() {
+            process_urls.push(attach.url.clone());
+        }
+        let mut cluster = Cluster {
+            name: name.to_owned(),
+            url: attach.url.trim_end_matches('/').to_owned(),
+            http,
+            services: services.clone(),
+            children: Vec::new(),
+            process_urls: process_urls
+                .iter()
+                .map(|url| url.trim_end_matches('/').to_owned())
+                .collect(),
+            admin_token: attach.admin_token.clone(),
+            attached: Some(attach),
+        };
+        let urls = cluster.process_urls.clone();
+        for url in urls.iter().chain(std::iter::once(&cluster.url.clone())) {
+            cluster
+                .wait_started(url, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("attach to {url}"))?;
+        }
+        cluster
+            .sql()
+            .await?
+            .query_one("SELECT count(*) FROM instances", &[])
+            .await
+            .with_context(|| format!("read instances in schema {}", cluster.schema()))?;
         Ok(cluster)
     }
 
@@ -202,7 +265,41 @@ impl Cluster {
     }
 
     fn schema(&self) -> String {
-        format!("bench_{}", self.name.replace('-', "_"))
+        match &self.attached {
+            Some(attach) => attach.schema.clone(),
+            None => format!("bench_{}", self.name.replace('-', "_")),
+        }
+    }
+
+    /// The processes whose memory and CPU are read from /proc, by role:
+    /// the children, or when attached, this machine's `ward-master` and
+    /// `ward-worker` processes (none if the cluster runs elsewhere).
+    fn pids(&self) -> Vec<(String, u32)> {
+        if self.attached.is_none() {
+            return self
+                .children
+                .iter()
+                .filter_map(|(role, child)| child.id().map(|pid| (role.clone(), pid)))
+                .collect();
+        }
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let role = match comm.trim() {
+                "ward-master" => "master",
+                "ward-worker" => "worker",
+                _ => continue,
+            };
+            pids.push((format!("{role}-{pid}"), pid));
+        }
+        pids.sort();
+        pids
     }
 
     fn spawn(
@@ -251,33 +348,27 @@ impl Cluster {
 
     /// Resident memory (VmRSS) of every process, in bytes, by role.
     pub fn rss_bytes(&self) -> Vec<(String, u64)> {
-        self.children
-            .iter()
-            .filter_map(|(role, child)| {
-                child
-                    .id()
-                    .map(|pid| (role.clone(), proc_status_kb(pid, "VmRSS:") * 1024))
-            })
+        self.pids()
+            .into_iter()
+            .map(|(role, pid)| (role, proc_status_kb(pid, "VmRSS:") * 1024))
             .collect()
     }
 
     /// CPU seconds (user + system) used so far by every process.
     pub fn cpu_seconds(&self) -> f64 {
-        self.children
-            .iter()
-            .filter_map(|(_, child)| child.id())
-            .map(proc_cpu_seconds)
+        self.pids()
+            .into_iter()
+            .map(|(_, pid)| proc_cpu_seconds(pid))
             .sum()
     }
 
     /// CPU seconds used so far by the processes whose role starts with `prefix`
     /// (`master` or `worker`).
     pub fn cpu_seconds_of(&self, prefix: &str) -> f64 {
-        self.children
-            .iter()
+        self.pids()
+            .into_iter()
             .filter(|(role, _)| role.starts_with(prefix))
-            .filter_map(|(_, child)| child.id())
-            .map(proc_cpu_seconds)
+            .map(|(_, pid)| proc_cpu_seconds(pid))
             .sum()
     }
 
@@ -326,7 +417,7 @@ impl Cluster {
                 .collect();
             let report = self
                 .post(
-                    ADMIN_TOKEN,
+                    &self.admin_token,
                     "/v1/admin/apply",
                     &json!({ "tenants": tenants }),
                 )
@@ -404,6 +495,34 @@ impl Cluster {
         }
     }
 
+    /// Waits until no instance of `definition` is running.
+    pub async fn wait_definition_ended(
+        &self,
+        definition: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let sql = self.sql().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM instances WHERE status = 'running' AND definition_name = $1",
+                    &[&definition],
+                )
+                .await?
+                .get(0);
+            if running == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: {running} {definition} instances still running after {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until no instance is running (of `ids`, or at all).
     pub async fn wait_ids_ended(
         &self,
@@ -434,7 +553,12 @@ impl Cluster {
     }
 
     /// Stops the processes and removes the schema, queues and nothing else.
+    /// An attached cluster is left as it is (with the benchmark's tenants
+    /// and instances).
     pub async fn stop(mut self, tiers: &[String]) {
+        if self.attached.is_some() {
+            return;
+        }
         for (_, child) in &mut self.children {
             if let Some(pid) = child.id() {
                 let _ = std::process::Command::new("kill")

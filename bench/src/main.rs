@@ -99,6 +99,25 @@ enum Command {
         /// (A/B comparisons). Scenario 1 is then skipped.
         #[arg(long)]
         max_per_s: Option<f64>,
+        /// Measure this running cluster (its API's base URL) instead of
+        /// starting masters and workers. Its database must be
+        /// --database-url (scenarios 4 and 7 bulk-load rows into it, and
+        /// timings are read from its rows), its broker --amqp-url (for
+        /// scenario 5); it keeps the benchmark's tenants and instances.
+        #[arg(long)]
+        cluster_url: Option<String>,
+        /// The attached cluster's admin token.
+        #[arg(long, env = "WARD_BENCH_ADMIN_TOKEN", requires = "cluster_url")]
+        admin_token: Option<String>,
+        /// The attached cluster's database schema (`database.schema`).
+        #[arg(long, default_value = "public")]
+        schema: String,
+        /// The attached cluster's masters and workers (base URLs of their
+        /// `/metrics`; default: --cluster-url alone). CPU and memory are
+        /// read from this machine's `ward-master` and `ward-worker`
+        /// processes, if it runs them.
+        #[arg(long, value_delimiter = ',')]
+        process_urls: Vec<String>,
     },
     /// Multi-tenancy: memory at scale, noisy neighbour, fairness, tier
     /// priority, shared versus per-tenant deployments.
@@ -141,6 +160,10 @@ async fn main() -> anyhow::Result<()> {
             only,
             latency_shares,
             max_per_s,
+            cluster_url,
+            admin_token,
+            schema,
+            process_urls,
         } => {
             let mut options = perf::Options::new(quick, seed, args.out.clone());
             options.only = only;
@@ -152,6 +175,16 @@ async fn main() -> anyhow::Result<()> {
                 options.backlog_tasks = backlog_tasks.max(1_000);
             }
             options.max_per_s = max_per_s.filter(|max| *max >= 1.0);
+            if let Some(url) = cluster_url {
+                options.attach = Some(cluster::Attach {
+                    url,
+                    admin_token: admin_token.context(
+                        "--admin-token (or WARD_BENCH_ADMIN_TOKEN) is needed with --cluster-url",
+                    )?,
+                    schema,
+                    process_urls,
+                });
+            }
             if let Some(measure_s) = measure_s {
                 options.measure_s = measure_s.max(1);
             }

@@ -44,6 +44,8 @@ pub struct Options {
     pub latency_shares: Vec<f64>,
     /// Scenario 1's maximum given instead of measured (scenario 1 skipped).
     pub max_per_s: Option<f64>,
+    /// A running cluster to measure instead of starting one.
+    pub attach: Option<crate::cluster::Attach>,
 }
 
 impl Options {
@@ -67,6 +69,7 @@ impl Options {
             only: Vec::new(),
             latency_shares: vec![0.25, 0.5, 0.8],
             max_per_s: None,
+            attach: None,
         }
     }
 }
@@ -245,7 +248,7 @@ async fn sustained(
     let (total, series, (cpu_master, cpu_worker), usage) = result?;
     // Drain what is left so the next scenario starts from an empty queue.
     cluster
-        .wait_ids_ended(None, Duration::from_secs(300))
+        .wait_definition_ended(definition, Duration::from_secs(300))
         .await?;
     let _ = (cpu_master_before, cpu_worker_before);
     let per_s = total as f64 / options.measure_s as f64;
@@ -1145,8 +1148,16 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         pool_size_max: 16,
     };
     let name = format!("{run}-perf");
-    bar.set_message("starting the cluster");
-    let cluster = Cluster::start(services, &name, &shape).await?;
+    let cluster = match &options.attach {
+        Some(attach) => {
+            bar.set_message("attaching to the cluster");
+            Cluster::attach(services, &name, attach.clone()).await?
+        }
+        None => {
+            bar.set_message("starting the cluster");
+            Cluster::start(services, &name, &shape).await?
+        }
+    };
     let result = async {
         let (keys, _) = cluster.apply_tenants(&format!("{name}-t"), 8, "gold", 100_000).await?;
         for yaml in [NOOP.to_owned(), CHAIN.to_owned(), fan_out()] {
@@ -1259,8 +1270,11 @@ pub async fn run(services: &Services, run: &str, options: Options) -> anyhow::Re
         "benchmark": "perf", "quick": options.quick, "seed": options.seed, "at": Utc::now(),
         "version": env!("CARGO_PKG_VERSION"),
         "machine": machine(services).await,
-        "settings": { "masters": shape.masters, "workers": shape.workers, "worker_prefetch": shape.worker_prefetch,
-            "window_max": shape.window_max, "measure_s": options.measure_s, "warmup_s": options.warmup_s,
+        "settings": { "attached_to": options.attach.as_ref().map(|attach| attach.url.clone()),
+            "masters": options.attach.as_ref().map_or(json!(shape.masters), |_| Value::Null),
+            "workers": options.attach.as_ref().map_or(json!(shape.workers), |_| Value::Null),
+            "worker_prefetch": options.attach.as_ref().map_or(json!(shape.worker_prefetch), |_| Value::Null),
+            "window_max": options.attach.as_ref().map_or(json!(shape.window_max), |_| Value::Null), "measure_s": options.measure_s, "warmup_s": options.warmup_s,
             "synchronous_commit": "on", "closed_loop_clients": SUBMIT_CLIENTS,
             "submit_batch_len": SUBMIT_BATCH_LEN, "query_clients": options.query_clients,
             "query_rate_per_client_per_s": QUERY_RATE_PER_CLIENT_PER_S, "scenarios": options.only },

@@ -6,6 +6,7 @@ mod acks;
 mod api;
 mod autoscale;
 mod batching;
+mod bench;
 mod chaos;
 mod cli;
 mod election;
