@@ -495,37 +495,31 @@ impl Cluster {
         }
     }
 
-    /// Waits until no instance of `definition` is running.
+    /// Waits until no instance of `definition` is running (other
+    /// instances of an attached cluster are not waited for).
     pub async fn wait_definition_ended(
         &self,
         definition: &str,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let sql = self.sql().await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let running: i64 = sql
-                .query_one(
-                    "SELECT count(*) FROM instances WHERE status = 'running' AND definition_name = $1",
-                    &[&definition],
-                )
-                .await?
-                .get(0);
-            if running == 0 {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{}: {running} {definition} instances still running after {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_none_running(Some(definition), None, timeout)
+            .await
     }
 
-    /// Waits until no instance is running (of `ids`, or at all).
+    /// Waits until none of `ids` is running.
     pub async fn wait_ids_ended(
         &self,
+        ids: &[uuid::Uuid],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.wait_none_running(None, Some(ids), timeout).await
+    }
+
+    /// Waits until no running instance matches both filters (a filter
+    /// left out matches every instance).
+    async fn wait_none_running(
+        &self,
+        definition: Option<&str>,
         ids: Option<&[uuid::Uuid]>,
         timeout: Duration,
     ) -> anyhow::Result<()> {
@@ -535,8 +529,9 @@ impl Cluster {
             let running: i64 = sql
                 .query_one(
                     "SELECT count(*) FROM instances WHERE status = 'running' \
-                     AND ($1::uuid[] IS NULL OR id = ANY($1))",
-                    &[&ids],
+                     AND ($1::text IS NULL OR definition_name = $1) \
+                     AND ($2::uuid[] IS NULL OR id = ANY($2))",
+                    &[&definition, &ids],
                 )
                 .await?
                 .get(0);

@@ -427,7 +427,7 @@ async fn latency_at(
     let usage = usage.since(&cluster.sql().await?).await?;
     let ids: Vec<uuid::Uuid> = sent.iter().map(|(id, _)| *id).collect();
     cluster
-        .wait_ids_ended(Some(&ids), Duration::from_secs(120))
+        .wait_ids_ended(&ids, Duration::from_secs(120))
         .await?;
     // Mean duration of each stage over the window (and its drain).
     let mut stage_means = serde_json::Map::new();

@@ -6,22 +6,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::sandbox::{ADMIN_TOKEN, Sandbox, amqp_url, binary_path, database_url, wait_ready};
+use crate::sandbox::{ADMIN_TOKEN, Sandbox, amqp_url, binary_path, database_url};
 
 #[tokio::test]
 async fn perf_measures_a_running_cluster_by_its_url_and_leaves_it_running() {
     let mut sandbox = Sandbox::new().await;
     let (master, _) = sandbox.spawn("ward-master", &[]);
     let (worker, _) = sandbox.spawn("ward-worker", &[]);
-    for url in [&master, &worker] {
-        wait_ready(
-            &sandbox.http,
-            &format!("{url}/readyz"),
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    }
+    sandbox
+        .wait_processes_ready(&[&master, &worker], Duration::from_secs(30))
+        .await;
     let out = std::env::temp_dir().join(format!("ward-bench-attach-{}", sandbox.id));
     let run = tokio::process::Command::new(binary_path("ward-bench"))
         .arg("--database-url")
@@ -73,15 +67,9 @@ async fn perf_measures_a_running_cluster_by_its_url_and_leaves_it_running() {
     );
 
     // The cluster still runs, and its schema keeps what the benchmark did.
-    for url in [&master, &worker] {
-        wait_ready(
-            &sandbox.http,
-            &format!("{url}/readyz"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    }
+    sandbox
+        .wait_processes_ready(&[&master, &worker], Duration::from_secs(5))
+        .await;
     let completed: i64 = sandbox
         .sql()
         .await

@@ -66,15 +66,9 @@ async fn standby_master_takes_over_after_kill_and_sigterm() {
     let mut sandbox = Sandbox::new().await;
     let (url_a, pid_a) = sandbox.spawn("ward-master", &[]);
     let (url_b, pid_b) = sandbox.spawn("ward-master", &[]);
-    for url in [&url_a, &url_b] {
-        wait_ready(
-            &sandbox.http,
-            &format!("{url}/readyz"),
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    }
+    sandbox
+        .wait_processes_ready(&[&url_a, &url_b], Duration::from_secs(30))
+        .await;
     sandbox.start_worker(Registry::builtin()).await;
     let urls = [url_a.as_str(), url_b.as_str()];
     let pids = [pid_a, pid_b];

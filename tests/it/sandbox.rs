@@ -187,6 +187,15 @@ impl Sandbox {
         (format!("http://{addr}"), pid)
     }
 
+    /// Waits until every process at `urls` (base URLs) answers `/readyz`.
+    pub async fn wait_processes_ready(&self, urls: &[&str], timeout: Duration) {
+        for url in urls {
+            wait_ready(&self.http, &format!("{url}/readyz"), timeout)
+                .await
+                .unwrap();
+        }
+    }
+
     pub fn url(&self, master: usize) -> String {
         format!("http://{}", self.masters[master].http_addr)
     }
