@@ -28,10 +28,19 @@ pub(crate) async fn advance_many(
     instances: &[(&Locked, Vec<Run>)],
     wake_after_commit: &mut Vec<String>,
 ) -> Result<Vec<String>, Error> {
-    let mut statuses = vec![status::RUNNING.to_owned(); instances.len()];
-    let mut rows = RunRows::default();
-    let mut ends = Ends::default();
-    let mut alone = Vec::new();
+    plan_many(instances)?
+        .write(transaction, instances, wake_after_commit)
+        .await
+}
+
+/// What `advance_many` writes for `instances`, each planned once (no I/O).
+pub(crate) fn plan_many(instances: &[(&Locked, Vec<Run>)]) -> Result<Writes, Error> {
+    let mut writes = Writes {
+        statuses: vec![status::RUNNING.to_owned(); instances.len()],
+        rows: RunRows::default(),
+        ends: Ends::default(),
+        alone: Vec::new(),
+    };
     for (index, (instance, runs)) in instances.iter().enumerate() {
         let plan = engine::plan(
             &instance.definition,
@@ -41,52 +50,60 @@ pub(crate) async fn advance_many(
         );
         match plan.end {
             Some(end) if instance.parent.is_none() => {
-                statuses[index] = ends.push(instance, end).to_owned();
+                writes.statuses[index] = writes.ends.push(instance, end).to_owned();
             }
             None if progress::plain(instance, &plan.starts) => {
                 for start in &plan.starts {
-                    rows.push_start(instance, start)?;
+                    writes.rows.push_start(instance, start)?;
                 }
             }
-            _ => alone.push(index),
+            _ => writes.alone.push(index),
         }
     }
-    // New runs before ends: an ending parent cancels its children's
-    // pending runs, including those written here.
-    rows.write_waking(transaction, Some(wake_after_commit))
-        .await?;
-    ends.write(transaction).await?;
-    // Re-read: the writes above may have ended one of these (a parent
-    // cancels its children) or settled it (a child ends).
-    for index in alone {
-        let (instance, _) = &instances[index];
-        statuses[index] = progress::advance_again(transaction, instance).await?;
-    }
-    Ok(statuses)
+    Ok(writes)
 }
 
-/// The runs of `instances` (new, none run yet) if each only starts plain
-/// steps (see `progress::plain`): no instance ends at once, no sub-workflow
-/// or signal step starts. Then their writes are ONE statement known before
-/// any of it is sent, which the caller may pipeline with its COMMIT;
-/// otherwise `None`, and the caller advances them with `advance_many`.
-pub(crate) fn plain_starts(instances: &[(&Locked, Vec<Run>)]) -> Result<Option<RunRows>, Error> {
-    let mut rows = RunRows::default();
-    for (instance, runs) in instances {
-        let plan = engine::plan(
-            &instance.definition,
-            &instance.input,
-            runs,
-            rand::random::<f64>(),
-        );
-        if plan.end.is_some() || !progress::plain(instance, &plan.starts) {
-            return Ok(None);
-        }
-        for start in &plan.starts {
-            rows.push_start(instance, start)?;
-        }
+/// The planned writes of `advance_many`: new runs, parentless ends, and the
+/// instances advanced alone.
+pub(crate) struct Writes {
+    statuses: Vec<String>,
+    rows: RunRows,
+    ends: Ends,
+    alone: Vec<usize>,
+}
+
+impl Writes {
+    /// The new runs, taken out, when they are all there is to write (no
+    /// instance ends, none is advanced alone: only plain steps start):
+    /// their writes are then ONE statement known before any of it is sent,
+    /// which the caller may pipeline with its COMMIT.
+    pub(crate) fn take_only_runs(&mut self) -> Option<RunRows> {
+        (self.ends.id.is_empty() && self.alone.is_empty() && !self.rows.is_empty())
+            .then(|| std::mem::take(&mut self.rows))
     }
-    Ok(Some(rows))
+
+    /// Writes them for `instances` (those they were planned for); returns
+    /// each instance's status, in order.
+    pub(crate) async fn write(
+        mut self,
+        transaction: &Tx,
+        instances: &[(&Locked, Vec<Run>)],
+        wake_after_commit: &mut Vec<String>,
+    ) -> Result<Vec<String>, Error> {
+        // New runs before ends: an ending parent cancels its children's
+        // pending runs, including those written here.
+        self.rows
+            .write_waking(transaction, Some(wake_after_commit))
+            .await?;
+        self.ends.write(transaction).await?;
+        // Re-read: the writes above may have ended one of these (a parent
+        // cancels its children) or settled it (a child ends).
+        for index in self.alone {
+            let (instance, _) = &instances[index];
+            self.statuses[index] = progress::advance_again(transaction, instance).await?;
+        }
+        Ok(self.statuses)
+    }
 }
 
 /// Ends of instances without a parent, written with one statement.

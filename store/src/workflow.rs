@@ -668,7 +668,7 @@ async fn start_one(
 /// trip, another, and COMMIT.
 ///
 /// With `commit_into`, when no item has a key and each new instance only
-/// starts plain steps (`grouped::plain_starts`), the COMMIT goes out with
+/// starts plain steps (`grouped::Writes::take_only_runs`), the COMMIT goes out with
 /// those two INSERTs, whose statements are then all known before any is
 /// sent: a start group costs two round trips. `commit_into` is then set
 /// once the COMMIT was answered (committed, or rolled back by the server
@@ -741,10 +741,10 @@ async fn start_items(
         .iter()
         .map(|(_, instance)| (instance, Vec::new()))
         .collect();
+    // Planned once, whichever way they are written below.
+    let mut writes = grouped::plan_many(&planned)?;
     let plain = match commit_into {
-        Some(ended) if keyless && !fresh.is_empty() => grouped::plain_starts(&planned)?
-            .filter(|rows| !rows.is_empty())
-            .map(|rows| (ended, rows)),
+        Some(ended) if keyless => writes.take_only_runs().map(|rows| (ended, rows)),
         _ => None,
     };
     let statuses = if let Some((ended, mut rows)) = plain {
@@ -779,7 +779,7 @@ async fn start_items(
             .await?;
         let (inserted, statuses) = futures::join!(
             new.write(transaction),
-            grouped::advance_many(transaction, &planned, wake_after_commit)
+            writes.write(transaction, &planned, wake_after_commit)
         );
         if inserted?.len() != new.id.len() {
             return Err(Error::Corrupt(
@@ -788,7 +788,9 @@ async fn start_items(
         }
         statuses?
     } else {
-        grouped::advance_many(transaction, &planned, wake_after_commit).await?
+        writes
+            .write(transaction, &planned, wake_after_commit)
+            .await?
     };
     for ((slot, instance), instance_status) in fresh.iter().zip(statuses) {
         answers[new.index[*slot]] = Some(Ok(Started {
