@@ -80,6 +80,15 @@ const DEFINITIONS_CACHED_MAX: usize = 4_096;
 static DEFINITIONS: LazyLock<Mutex<HashMap<Uuid, Arc<Definition>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
+/// The definition version `id` if this process parsed it already.
+pub(crate) fn cached_definition(id: Uuid) -> Option<Arc<Definition>> {
+    DEFINITIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .cloned()
+}
+
 /// The definition version `id`, parsed once per process.
 pub(crate) async fn definition_by_id(transaction: &Tx, id: Uuid) -> Result<Arc<Definition>, Error> {
     let cached = DEFINITIONS

@@ -42,21 +42,25 @@ impl Tx {
     /// pool), BEGIN and the scope in one round trip.
     pub(crate) async fn begin(client: Object, scope: Scope<'_>) -> Result<Tx, Error> {
         let transaction = Tx::open(client);
-        let (begin, scope_statement) = futures::future::try_join(
-            transaction.begin_statement(),
-            transaction.prepare_cached(SCOPE_SQL),
-        )
-        .await?;
+        transaction.open_scoped(scope).await?;
+        Ok(transaction)
+    }
+
+    /// Sends BEGIN and the scope of a transaction opened with `open`.
+    pub(crate) async fn open_scoped(&self, scope: Scope<'_>) -> Result<(), Error> {
+        let (begin, scope_statement) =
+            futures::future::try_join(self.begin_statement(), self.prepare_cached(SCOPE_SQL))
+                .await?;
         let (tenant, tenants, system) = scope.settings();
         let scope_params: [&(dyn ToSql + Sync); 3] = [&tenant, &tenants, &system];
         // `join`, not `try_join`: both go out on the first poll.
         let (begun, scoped) = futures::join!(
-            transaction.execute(&begin, &[]),
-            transaction.execute(&scope_statement, &scope_params),
+            self.execute(&begin, &[]),
+            self.execute(&scope_statement, &scope_params),
         );
         begun?;
         scoped?;
-        Ok(transaction)
+        Ok(())
     }
 
     /// `begin`, with `sql`'s query in the same round trip; returns its rows.

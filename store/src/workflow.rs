@@ -221,6 +221,25 @@ impl Store {
         items: &[(&Tenant, &StartInstance, Option<&str>)],
         all_or_none: bool,
     ) -> Result<Vec<Result<Started, Error>>, Error> {
+        match self.start_many_once(items, all_or_none, true).await {
+            Err(error) if is_stale_definition(&error) => {
+                // A newer version was stored since this process resolved
+                // one of them: nothing was written; read them again.
+                forget_resolved(items);
+                self.start_many_once(items, all_or_none, false).await
+            }
+            answers => answers,
+        }
+    }
+
+    /// `start_many`'s one transaction; `from_cache` lets it take the
+    /// definitions this process resolved before without reading them.
+    async fn start_many_once(
+        &self,
+        items: &[(&Tenant, &StartInstance, Option<&str>)],
+        all_or_none: bool,
+        from_cache: bool,
+    ) -> Result<Vec<Result<Started, Error>>, Error> {
         let mut tenants: Vec<Uuid> = items.iter().map(|(tenant, _, _)| tenant.id).collect();
         tenants.sort_unstable();
         tenants.dedup();
@@ -236,6 +255,7 @@ impl Store {
             all_or_none,
             &mut wake,
             Some(&mut ended),
+            from_cache,
         )
         .await;
         if ended {
@@ -647,6 +667,7 @@ async fn start_one(
         true,
         wake_after_commit,
         None,
+        false,
     )
     .await?
     .pop()
@@ -680,8 +701,24 @@ async fn start_items(
     all_or_none: bool,
     wake_after_commit: &mut Vec<String>,
     commit_into: Option<&mut bool>,
+    from_cache: bool,
 ) -> Result<Vec<Result<Started, Error>>, Error> {
-    let definitions = resolve_definitions(transaction, scope, items).await?;
+    let keyless_items = items.iter().all(|(_, request, idempotency_key)| {
+        idempotency_key.is_none() && request.business_key.is_none()
+    });
+    let (definitions, deferred) = resolve_definitions(
+        transaction,
+        scope,
+        items,
+        from_cache && commit_into.is_some() && keyless_items,
+    )
+    .await?;
+    // Scope and BEGIN not sent yet (every definition resolved from the
+    // process's cache): they go out with the first writes.
+    let opening = match (deferred, scope) {
+        (true, Some(scope)) => Some(scope),
+        _ => None,
+    };
     let mut answers: Vec<Option<Result<Started, Error>>> = Vec::with_capacity(items.len());
     let mut new = NewInstances::default();
     for (index, (tenant, request, idempotency_key)) in items.iter().enumerate() {
@@ -747,13 +784,42 @@ async fn start_items(
         Some(ended) if keyless => writes.take_only_runs().map(|rows| (ended, rows)),
         _ => None,
     };
+    // Definitions taken from the cache as "the newest" are checked in the
+    // transaction before its writes (a newer one aborts it, and a COMMIT
+    // behind it rolls back).
+    let (mut guard_tenants, mut guard_names, mut guard_versions) =
+        (Vec::new(), Vec::new(), Vec::new());
+    if opening.is_some() {
+        for (key, resolved) in &definitions {
+            if let (None, Some(resolved)) = (key.2, resolved) {
+                guard_tenants.push(key.0);
+                guard_names.push(key.1);
+                guard_versions.push(resolved.version);
+            }
+        }
+    }
+    let guard_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&guard_tenants, &guard_names, &guard_versions];
+    if plain.is_none() {
+        if let Some(scope) = opening {
+            transaction.open_scoped(scope).await?;
+            if !guard_tenants.is_empty() {
+                transaction
+                    .execute_c(NEWEST_GUARD_SQL, &guard_params)
+                    .await?;
+            }
+        }
+    }
     let statuses = if let Some((ended, mut rows)) = plain {
         // ONE statement writes the instances and their runs, then COMMIT,
         // both prepared first and sent on the first poll, in that order.
         // The statement is all or nothing: if it fails on the server, the
         // server answers the COMMIT by rolling back; if it cannot even be
         // sent, the COMMIT ends a transaction that wrote nothing.
-        let (write, commit) = futures::future::try_join(
+        let (begin, scope_statement, guard, write, commit) = futures::future::try_join5(
+            transaction.begin_statement(),
+            transaction.prepare_cached(crate::SCOPE_SQL),
+            transaction.prepare_cached(NEWEST_GUARD_SQL),
             transaction.prepare_cached(&FRESH_START_SQL),
             transaction.prepare_cached("COMMIT"),
         )
@@ -761,11 +827,36 @@ async fn start_items(
         rows.hand_over_wakes(wake_after_commit);
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             new.params().into_iter().chain(rows.params()).collect();
-        let (written, committed) = futures::join!(
+        let (tenant, tenants, system) = opening.map(Scope::settings).unwrap_or_default();
+        let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&tenant, &tenants, &system];
+        let opened = async {
+            if opening.is_some() {
+                let (begun, scoped) = futures::join!(
+                    transaction.execute(&begin, &[]),
+                    transaction.execute(&scope_statement, &scope_params),
+                );
+                begun.and(scoped).map(drop)
+            } else {
+                Ok(())
+            }
+        };
+        let guarded = async {
+            if guard_tenants.is_empty() {
+                Ok(0)
+            } else {
+                transaction.execute(&guard, &guard_params).await
+            }
+        };
+        let (opened, guarded, written, committed) = futures::join!(
+            opened,
+            guarded,
             transaction.execute(&write, &params),
             transaction.execute(&commit, &[]),
         );
         *ended = committed.is_ok();
+        opened?;
+        guarded?;
         written?;
         committed?;
         vec![status::RUNNING.to_owned(); fresh.len()]
@@ -958,17 +1049,83 @@ impl NewInstances {
     }
 }
 
+/// Fails the transaction (SQLSTATE `STALE_DEFINITION`) when one of the
+/// definitions has a version newer than the one given (migration V16).
+const NEWEST_GUARD_SQL: &str = "SELECT ward_definitions_newest($1::uuid[], $2::text[], $3::int[])";
+
+/// What `NEWEST_GUARD_SQL` raises.
+const STALE_DEFINITION: &str = "WD001";
+
+fn is_stale_definition(error: &Error) -> bool {
+    matches!(error, Error::Db(error)
+        if error.code().is_some_and(|code| code.code() == STALE_DEFINITION))
+}
+
+/// Forgets what the items' definitions resolved to.
+fn forget_resolved(items: &[(&Tenant, &StartInstance, Option<&str>)]) {
+    let mut cached = RESOLVED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (tenant, request, _) in items {
+        cached.remove(&(tenant.id, request.definition.clone(), request.version));
+    }
+}
+
+/// Most (tenant, definition, version asked) resolutions a process keeps.
+const RESOLVED_CACHED_MAX: usize = 16_384;
+
+/// A (tenant, definition name, version asked) and the (id, version) it
+/// resolved to.
+type Resolutions = HashMap<(Uuid, String, Option<i32>), (Uuid, i32)>;
+
+/// What each (tenant, definition name, version asked) last resolved to.
+static RESOLVED: std::sync::LazyLock<std::sync::Mutex<Resolutions>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Resolves each (tenant, definition, version) of `items`. With `defer`
+/// (and `scope`), when the process resolved every one before, nothing is
+/// sent and it returns `true`: BEGIN and the scope are then still to send.
 async fn resolve_definitions<'a>(
     transaction: &Tx,
     scope: Option<Scope<'_>>,
     items: &[(&Tenant, &'a StartInstance, Option<&str>)],
-) -> Result<HashMap<(Uuid, &'a str, Option<i32>), Option<Resolved>>, Error> {
+    defer: bool,
+) -> Result<
+    (
+        HashMap<(Uuid, &'a str, Option<i32>), Option<Resolved>>,
+        bool,
+    ),
+    Error,
+> {
     let mut keys: Vec<(Uuid, &'a str, Option<i32>)> = items
         .iter()
         .map(|(tenant, request, _)| (tenant.id, request.definition.as_str(), request.version))
         .collect();
     keys.sort_unstable();
     keys.dedup();
+    if defer && scope.is_some() {
+        let cached = RESOLVED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hits: Option<HashMap<_, _>> = keys
+            .iter()
+            .map(|key| {
+                let (id, version) = *cached.get(&(key.0, key.1.to_owned(), key.2))?;
+                let definition = progress::cached_definition(id)?;
+                Some((
+                    *key,
+                    Some(Resolved {
+                        id,
+                        version,
+                        definition,
+                    }),
+                ))
+            })
+            .collect();
+        if let Some(hits) = hits {
+            return Ok((hits, true));
+        }
+    }
     // Prepared first, so that every request below goes out on the first
     // poll, in order: BEGIN and the scope, then the look-ups.
     let lookup = transaction.prepare_cached(RESOLVE_SQL).await?;
@@ -1028,9 +1185,18 @@ async fn resolve_definitions<'a>(
             }
             None => None,
         };
+        if let Some(found) = &found {
+            let mut cached = RESOLVED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if cached.len() >= RESOLVED_CACHED_MAX {
+                cached.clear();
+            }
+            cached.insert((key.0, key.1.to_owned(), key.2), (found.id, found.version));
+        }
         resolved.insert(key, found);
     }
-    Ok(resolved)
+    Ok((resolved, false))
 }
 
 /// The newest version of a tenant's definition, or the version asked for.

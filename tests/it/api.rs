@@ -494,6 +494,99 @@ async fn definitions_are_versioned_and_instances_keep_their_version() {
     sandbox.teardown().await;
 }
 
+/// Batch starts take a definition the master resolved before from its
+/// memory (no read before the writes); a newer version stored since is
+/// still found (the guard in the same round trip fails the transaction and
+/// the master reads the definitions again), a pinned version stays pinned,
+/// and the rejected attempt leaves nothing behind.
+#[tokio::test]
+async fn batch_starts_take_a_version_stored_after_the_master_resolved_one() {
+    let mut sandbox = Sandbox::new().await;
+    let master = sandbox.start_master().await;
+    let url = sandbox.url(master);
+    let key = sandbox.tenant(&url, "hospital", "gold").await;
+    sandbox
+        .publish(&url, &key, &sequential("admit", &["echo"]))
+        .await;
+    let batch = async |items: Value| -> Vec<i64> {
+        let (status, body) = sandbox
+            .post(
+                &format!("{url}/v1/instances/batch"),
+                &key,
+                &json!({ "instances": items }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|started| started["version"].as_i64().unwrap())
+            .collect()
+    };
+    let latest = json!([{ "definition": "admit" }, { "definition": "admit" }]);
+    let pinned = json!([{ "definition": "admit", "version": 1 }]);
+    // Resolved once, then from memory.
+    assert_eq!(batch(latest.clone()).await, [1, 1]);
+    assert_eq!(batch(latest.clone()).await, [1, 1]);
+    assert_eq!(batch(pinned.clone()).await, [1]);
+    assert_eq!(batch(pinned.clone()).await, [1]);
+    sandbox
+        .publish(&url, &key, &sequential("admit", &["echo", "noop"]))
+        .await;
+    assert_eq!(batch(latest.clone()).await, [2, 2]);
+    assert_eq!(batch(latest).await, [2, 2]);
+    assert_eq!(batch(pinned).await, [1]);
+    // The same when the first step is not a plain one (a sub-workflow:
+    // its writes are not one statement with the COMMIT, so the guard goes
+    // alone before them).
+    let parent = |child: &str| {
+        format!(
+            "name: ward\nsteps:\n  - {{ id: inner, kind: sub_workflow, definition: {child} }}\n"
+        )
+    };
+    sandbox.publish_yaml(&url, &key, &parent("admit")).await;
+    let wards = json!([{ "definition": "ward" }]);
+    assert_eq!(batch(wards.clone()).await, [1]);
+    assert_eq!(batch(wards.clone()).await, [1]);
+    sandbox.publish_yaml(&url, &key, &parent("discharge")).await;
+    assert_eq!(batch(wards).await, [2]);
+    // Every answered start is one instance with its first run, on the
+    // version it was answered with: 4 unpinned and 3 pinned on version 1,
+    // 4 on version 2.
+    let rows = sandbox
+        .sql()
+        .await
+        .query(
+            "SELECT d.version, count(DISTINCT i.id), count(r.id) FROM instances i \
+             JOIN definitions d ON d.id = i.definition_id \
+             LEFT JOIN task_runs r ON r.instance_id = i.id WHERE d.name = 'admit' \
+             AND i.parent_instance_id IS NULL GROUP BY d.version ORDER BY d.version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let counts: Vec<(i32, i64, i64)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(counts, [(1, 7, 7), (2, 4, 4)]);
+    // The two `ward` instances of version 1 started `admit` children; the
+    // one of version 2 names a definition that does not exist.
+    let children: i64 = sandbox
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM instances WHERE parent_instance_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(children, 2);
+    sandbox.teardown().await;
+}
+
 #[tokio::test]
 async fn another_tenants_instance_is_not_found() {
     let mut sandbox = Sandbox::new().await;
