@@ -159,19 +159,18 @@ impl Store {
     /// and wakes the dispatcher. An `idempotency_key` (or the request's
     /// business key) that matches an existing instance returns that one.
     /// Every ingress (API, schedules, and later HL7 and FHIR) calls this.
+    /// A group of one (`start_many`): without a key, and with its
+    /// definition resolved by this process before, one round trip.
     pub async fn start_instance(
         &self,
         tenant: &Tenant,
         request: &StartInstance,
         idempotency_key: Option<&str>,
     ) -> Result<Started, Error> {
-        let client = self.pool.get().await?;
-        let transaction = scoped(client, Scope::Tenant(tenant.id)).await?;
-        let mut wake = Vec::new();
-        let started = start_one(&transaction, tenant, request, idempotency_key, &mut wake).await?;
-        transaction.commit().await?;
-        self.wake_after_commit(wake);
-        Ok(started)
+        self.start_many(&[(tenant, request, idempotency_key)], true)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(Error::Corrupt("a start was not answered".into())))
     }
 
     /// Starts several instances of one tenant in ONE transaction (the batch

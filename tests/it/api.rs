@@ -537,6 +537,23 @@ async fn batch_starts_take_a_version_stored_after_the_master_resolved_one() {
     assert_eq!(batch(latest.clone()).await, [2, 2]);
     assert_eq!(batch(latest).await, [2, 2]);
     assert_eq!(batch(pinned).await, [1]);
+    // A single start (`POST /v1/instances`, a group of one) the same way.
+    let single = async || -> i64 {
+        let (status, body) = sandbox
+            .post(
+                &format!("{url}/v1/instances"),
+                &key,
+                &json!({ "definition": "admit" }),
+            )
+            .await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+        body["version"].as_i64().unwrap()
+    };
+    assert_eq!(single().await, 2);
+    sandbox
+        .publish(&url, &key, &sequential("admit", &["noop"]))
+        .await;
+    assert_eq!(single().await, 3);
     // The same when the first step is not a plain one (a sub-workflow:
     // its writes are not one statement with the COMMIT, so the guard goes
     // alone before them).
@@ -553,7 +570,7 @@ async fn batch_starts_take_a_version_stored_after_the_master_resolved_one() {
     assert_eq!(batch(wards).await, [2]);
     // Every answered start is one instance with its first run, on the
     // version it was answered with: 4 unpinned and 3 pinned on version 1,
-    // 4 on version 2.
+    // 4 batched and 1 single on version 2, 1 on version 3.
     let rows = sandbox
         .sql()
         .await
@@ -570,7 +587,7 @@ async fn batch_starts_take_a_version_stored_after_the_master_resolved_one() {
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect();
-    assert_eq!(counts, [(1, 7, 7), (2, 4, 4)]);
+    assert_eq!(counts, [(1, 7, 7), (2, 5, 5), (3, 1, 1)]);
     // The two `ward` instances of version 1 started `admit` children; the
     // one of version 2 names a definition that does not exist.
     let children: i64 = sandbox
