@@ -48,15 +48,33 @@ impl Tx {
 
     /// Sends BEGIN and the scope of a transaction opened with `open`.
     pub(crate) async fn open_scoped(&self, scope: Scope<'_>) -> Result<(), Error> {
-        let (begin, scope_statement) =
-            futures::future::try_join(self.begin_statement(), self.prepare_cached(SCOPE_SQL))
-                .await?;
+        let (begin, scope_statement) = self.opening_statements().await?;
+        self.send_opening(&begin, &scope_statement, scope).await
+    }
+
+    /// BEGIN's and the scope's statements, prepared (once per connection),
+    /// for `send_opening`.
+    pub(crate) async fn opening_statements(
+        &self,
+    ) -> Result<(Statement, Statement), tokio_postgres::Error> {
+        futures::future::try_join(self.begin_statement(), self.prepare_cached(SCOPE_SQL)).await
+    }
+
+    /// Sends BEGIN and the scope (statements of `opening_statements`); both
+    /// go out on this future's first poll, so a caller that joins it first
+    /// with its own statements pipelines them behind it.
+    pub(crate) async fn send_opening(
+        &self,
+        begin: &Statement,
+        scope_statement: &Statement,
+        scope: Scope<'_>,
+    ) -> Result<(), Error> {
         let (tenant, tenants, system) = scope.settings();
         let scope_params: [&(dyn ToSql + Sync); 3] = [&tenant, &tenants, &system];
         // `join`, not `try_join`: both go out on the first poll.
         let (begun, scoped) = futures::join!(
-            self.execute(&begin, &[]),
-            self.execute(&scope_statement, &scope_params),
+            self.execute(begin, &[]),
+            self.execute(scope_statement, &scope_params),
         );
         begun?;
         scoped?;

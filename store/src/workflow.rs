@@ -799,26 +799,47 @@ async fn start_items(
     }
     let guard_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
         [&guard_tenants, &guard_names, &guard_versions];
-    if plain.is_none() {
-        if let Some(scope) = opening {
-            transaction.open_scoped(scope).await?;
-            if !guard_tenants.is_empty() {
-                transaction
-                    .execute_c(NEWEST_GUARD_SQL, &guard_params)
-                    .await?;
-            }
+    // Prepared before anything is sent (once per connection), so that
+    // nothing below waits between its requests.
+    let statements = match opening {
+        Some(scope) => {
+            let ((begin, scope_statement), guard) = futures::future::try_join(
+                transaction.opening_statements(),
+                transaction.prepare_cached(NEWEST_GUARD_SQL),
+            )
+            .await?;
+            Some((scope, begin, scope_statement, guard))
         }
-    }
+        None => None,
+    };
+    // BEGIN and the scope (when not sent yet), then the guard (when a
+    // definition came from the cache), all on this future's first poll:
+    // joined first, what follows is pipelined behind them.
+    let opened = async {
+        let Some((scope, begin, scope_statement, guard)) = &statements else {
+            return Ok(());
+        };
+        let (begun, guarded) = futures::join!(
+            transaction.send_opening(begin, scope_statement, *scope),
+            async {
+                if guard_tenants.is_empty() {
+                    Ok(0)
+                } else {
+                    transaction.execute(guard, &guard_params).await
+                }
+            },
+        );
+        begun?;
+        guarded?;
+        Ok::<(), Error>(())
+    };
     let statuses = if let Some((ended, mut rows)) = plain {
         // ONE statement writes the instances and their runs, then COMMIT,
         // both prepared first and sent on the first poll, in that order.
         // The statement is all or nothing: if it fails on the server, the
         // server answers the COMMIT by rolling back; if it cannot even be
         // sent, the COMMIT ends a transaction that wrote nothing.
-        let (begin, scope_statement, guard, write, commit) = futures::future::try_join5(
-            transaction.begin_statement(),
-            transaction.prepare_cached(crate::SCOPE_SQL),
-            transaction.prepare_cached(NEWEST_GUARD_SQL),
+        let (write, commit) = futures::future::try_join(
             transaction.prepare_cached(&FRESH_START_SQL),
             transaction.prepare_cached("COMMIT"),
         )
@@ -826,40 +847,18 @@ async fn start_items(
         rows.hand_over_wakes(wake_after_commit);
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             new.params().into_iter().chain(rows.params()).collect();
-        let (tenant, tenants, system) = opening.map(Scope::settings).unwrap_or_default();
-        let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&tenant, &tenants, &system];
-        let opened = async {
-            if opening.is_some() {
-                let (begun, scoped) = futures::join!(
-                    transaction.execute(&begin, &[]),
-                    transaction.execute(&scope_statement, &scope_params),
-                );
-                begun.and(scoped).map(drop)
-            } else {
-                Ok(())
-            }
-        };
-        let guarded = async {
-            if guard_tenants.is_empty() {
-                Ok(0)
-            } else {
-                transaction.execute(&guard, &guard_params).await
-            }
-        };
-        let (opened, guarded, written, committed) = futures::join!(
+        let (opened, written, committed) = futures::join!(
             opened,
-            guarded,
             transaction.execute(&write, &params),
             transaction.execute(&commit, &[]),
         );
         *ended = committed.is_ok();
         opened?;
-        guarded?;
         written?;
         committed?;
         vec![status::RUNNING.to_owned(); fresh.len()]
     } else if keyless {
+        opened.await?;
         // Both statements prepared first, so that the instances' INSERT
         // goes out before the runs' on the first poll (the server runs
         // them in that order).
@@ -878,6 +877,7 @@ async fn start_items(
         }
         statuses?
     } else {
+        opened.await?;
         writes
             .write(transaction, &planned, wake_after_commit)
             .await?
@@ -1128,28 +1128,16 @@ async fn resolve_definitions<'a>(
     // Prepared first, so that every request below goes out on the first
     // poll, in order: BEGIN and the scope, then the look-ups.
     let lookup = transaction.prepare_cached(RESOLVE_SQL).await?;
-    let opening = if scope.is_some() {
-        Some(
-            futures::future::try_join(
-                transaction.begin_statement(),
-                transaction.prepare_cached(crate::SCOPE_SQL),
-            )
-            .await?,
-        )
-    } else {
-        None
+    let opening = match scope {
+        Some(scope) => Some((scope, transaction.opening_statements().await?)),
+        None => None,
     };
-    let (tenant, tenants, system) = scope.map(Scope::settings).unwrap_or_default();
-    let scope_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&tenant, &tenants, &system];
     let scoped = async {
         match &opening {
-            Some((begin, scope_statement)) => {
-                let (begun, scoped) = futures::join!(
-                    transaction.execute(begin, &[]),
-                    transaction.execute(scope_statement, &scope_params),
-                );
-                begun.and(scoped).map(drop)
+            Some((scope, (begin, scope_statement))) => {
+                transaction
+                    .send_opening(begin, scope_statement, *scope)
+                    .await
             }
             None => Ok(()),
         }
